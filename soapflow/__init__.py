@@ -9,4 +9,13 @@ try:
 except PackageNotFoundError:  # running from a checkout without install
     __version__ = "0.0.0+local"
 
-__all__ = ["SoapError", "__version__"]
+__all__ = ["SOAPHead", "SoapError", "__version__"]
+
+
+def __getattr__(name):
+    # torch is heavy; import it only for users of the head, not for `soap fit` workers.
+    if name == "SOAPHead":
+        from soapflow.head import SOAPHead
+
+        return SOAPHead
+    raise AttributeError(name)

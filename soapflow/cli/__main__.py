@@ -1,0 +1,3 @@
+from soapflow.cli.main import main
+
+main()

@@ -1,0 +1,46 @@
+"""The ``soap`` command line. Each sub-command module registers itself here."""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from soapflow.errors import SoapError
+
+app = typer.Typer(
+    name="soap",
+    help="SOAP: find and remove non-semantic directions in ViT patch tokens.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """SOAP: find and remove non-semantic directions in ViT patch tokens."""
+
+
+def _register() -> None:
+    from soapflow.cli import fit as fit_cli
+
+    app.command("fit")(fit_cli.fit)
+    try:
+        from soapflow.cli import noise as noise_cli
+    except ImportError:
+        pass
+    else:
+        app.add_typer(noise_cli.app, name="noise", help="Synthetic non-semantic images.")
+
+
+_register()
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except SoapError as exc:
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
