@@ -11,6 +11,7 @@ Memory is a few blocks per worker thread, independent of N.
 
 from __future__ import annotations
 
+import uuid
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +46,16 @@ def _min_bad(a: int | None, b: int | None) -> int | None:
     return b if a is None else a if b is None else min(a, b)
 
 
-def _leaf_moments(block: np.ndarray, start: int) -> _Partial:
+def _read(tokens, start: int, stop: int) -> np.ndarray:
+    return np.asarray(tokens[start:stop])
+
+
+def _leaf_moments(tokens, start: int, stop: int) -> _Partial:
+    block = _read(tokens, start, stop)
     bad = _first_bad(block, start)
     if bad is not None:
-        return _Partial(method.Moments(0, np.zeros(block.shape[-1]), np.zeros((block.shape[-1],) * 2)), bad)
+        d = block.shape[-1]
+        return _Partial(method.Moments(0, np.zeros(d), np.zeros((d, d))), bad)
     return _Partial(method.moments(block))
 
 
@@ -56,7 +63,8 @@ def _merge_moments(a: _Partial, b: _Partial) -> _Partial:
     return _Partial(method.merge_moments(a.value, b.value), _min_bad(a.bad, b.bad))
 
 
-def _leaf_counts(block: np.ndarray, start: int, mean: np.ndarray, components: np.ndarray) -> _Partial:
+def _leaf_counts(tokens, start: int, stop: int, mean: np.ndarray, components: np.ndarray) -> _Partial:
+    block = _read(tokens, start, stop)
     bad = _first_bad(block, start)
     if bad is not None:
         return _Partial(np.zeros((*block.shape[1:3], components.shape[0]), np.int64), bad)
@@ -67,13 +75,15 @@ def _merge_counts(a: _Partial, b: _Partial) -> _Partial:
     return _Partial(a.value + b.value, _min_bad(a.bad, b.bad))
 
 
-def _blocks(store: FeatureStore):
-    """Delayed numpy blocks of ``block_images`` images each, with their first image index."""
-    x = store.to_dask()
-    n, h, w, d = x.shape
+def _blocks(store: FeatureStore) -> list[tuple[int, int]]:
+    """Image ranges of ``block_images`` each: fixed by the token shape, not the chunking.
+
+    Each task reads its range straight from zarr (which decodes just the chunks it
+    touches); a dask-array rechunk to these ranges costs about as much as the arithmetic.
+    """
+    n, h, w, d = store.shape
     b = block_images((h, w), d)
-    x = x.rechunk((b, h, w, d))
-    return list(zip(x.to_delayed().ravel(), range(0, n, b)))
+    return [(start, min(n, start + b)) for start in range(0, n, b)]
 
 
 def _tree_reduce(client, futures: list, merge):
@@ -91,8 +101,10 @@ def _run_pass(client, store: FeatureStore, leaf, merge, extra_args=(), desc="", 
     from distributed import as_completed
     from tqdm.auto import tqdm
 
-    scattered = [dask.delayed(a, pure=True) for a in extra_args]
-    leaves = client.compute([dask.delayed(leaf, pure=True)(blk, start, *scattered) for blk, start in _blocks(store)])
+    # one graph key for the array handle (an explicit name: tokenizing a zarr array reads it)
+    tokens = dask.delayed(store.tokens, name=f"tokens-{uuid.uuid4().hex}")
+    shared = [dask.delayed(a, pure=True) for a in extra_args]
+    leaves = client.compute([dask.delayed(leaf, pure=True)(tokens, a, b, *shared) for a, b in _blocks(store)])
     root = _tree_reduce(client, list(leaves), merge)
     pending = as_completed(leaves)
     del leaves  # only the merge tree should keep leaf results alive

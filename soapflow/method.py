@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg.blas import dsyrk
+from scipy.special import expit
 
 EPS = 1e-12
 
@@ -29,10 +31,13 @@ class Moments:
 
 def moments(z: np.ndarray) -> Moments:
     """Moments of a block of tokens ``(..., D)``; centring on the block mean keeps M2 exact."""
-    z = np.asarray(z, dtype=np.float64).reshape(-1, z.shape[-1])
+    z = np.array(z, dtype=np.float64).reshape(-1, z.shape[-1])  # a copy we may centre in place
     mean = z.mean(axis=0)
-    zc = z - mean
-    return Moments(len(z), mean, zc.T @ zc)
+    z -= mean
+    # BLAS syrk on the transposed view: half the flops of a GEMM and no copy; it fills the
+    # upper triangle only. (NumPy's own `z.T @ z` path is several times slower here.)
+    upper = dsyrk(1.0, z.T)
+    return Moments(len(z), mean, upper + np.triu(upper, 1).T)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -116,7 +121,7 @@ def suppression_weights(scores: np.ndarray, mu: float, tau: float) -> np.ndarray
         return weights
     by_score = np.argsort(-scores, kind="stable")
     k = np.arange(len(scores))
-    weights[by_score] = scores[by_score] / (1 + np.exp(-(mu - 0.5 - k) / tau))
+    weights[by_score] = scores[by_score] * expit((mu - 0.5 - k) / tau)
     return weights
 
 
