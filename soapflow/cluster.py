@@ -17,6 +17,8 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
     """
     from distributed import Client, LocalCluster
 
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # Prefect's log config shows INFO
+
     if address:
         with Client(address) as client:
             yield client

@@ -1,0 +1,139 @@
+"""The ``refit`` flow: real ∥ synthetic extraction → fit → artifact (→ registry).
+
+    extract real chunks ─┐
+                         ├─> fit ─> artifact ─> publish
+    extract noise chunks ┘
+
+Runs with no Prefect server (ephemeral mode), on the default thread pool or on a dask
+cluster via ``DaskTaskRunner``; the artifact is the same either way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from soapflow.extract import DEFAULT_CHUNK, default_device
+from tasks.extract import extract_shard, finalize_store, prepare_store
+from tasks.fit import fit_artifact
+
+
+def default_workdir() -> Path:
+    base = os.environ.get("SOAPFLOW_WORKDIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "soapflow", "work")
+    return Path(base)
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip("-")[:60] or "x"
+
+
+def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, dtype: str) -> str:
+    """Stores are named by what they hold, so later refits on the same inputs reuse them."""
+    key = json.dumps({"spec": spec, "source": source, "n": n, "seed": seed, "chunk": chunk, "dtype": dtype},
+                     sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{_slug(source)}-{digest}")
+
+
+def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress):
+    plan = prepare_store.submit(uri, spec, source, n, seed, chunk, dtype, shards).result()
+    futures = [extract_shard.submit(plan["uri"], plan["created"], chunks, spec, source, n, seed, num_workers, progress)
+               for chunks in plan["shards"]]
+    return plan, futures
+
+
+@flow(name="refit", log_prints=True)
+def refit(
+    backbone: str = "dinov2_vits14",
+    weights: str | None = None,
+    layer: int = -1,
+    feature: str = "out",
+    data: str = "photos",
+    n_real: int | None = None,
+    n_synth: int | None = None,
+    generator: str = "mixture",
+    image_size: int | None = None,
+    seed: int = 0,
+    mu: float | str = 2.0,
+    tau: float = 0.05,
+    gamma: float = 1.0,
+    threshold: float = 0.75,
+    chunk: int = DEFAULT_CHUNK,
+    dtype: str = "float16",
+    device: str | None = None,
+    shards: int = 1,
+    num_workers: int = 1,
+    workdir: str | None = None,
+    out: str | None = None,
+    registry: str | None = None,
+    name: str | None = None,
+    dask_address: str | None = None,
+    progress: bool = True,
+) -> dict:
+    """Refit SOAP for one backbone/layer on real images and synthetic noise."""
+    from soapflow.extract import cached_backbone
+
+    logger = get_run_logger()
+    work = Path(workdir) if workdir else default_workdir()
+    spec = {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
+            "device": device or default_device()}
+    bb = cached_backbone(**spec)  # fail fast on a bad name/weights/layer, before any task runs
+    spec["layer"] = bb.layer  # resolved index: the same store whether given as -1 or 11
+    logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
+                spec["device"])
+
+    real_uri = store_uri(work, spec, data, n_real, seed, chunk, dtype)
+    real_plan, real_futures = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
+    synth_source = f"noise:{generator}"
+    synth_n = n_synth or real_plan["count"]
+    synth_uri = store_uri(work, spec, synth_source, synth_n, seed, chunk, dtype)
+    synth_plan, synth_futures = _extract(spec, synth_uri, synth_source, synth_n, seed, chunk, dtype, shards,
+                                         num_workers, progress)
+    real_done = finalize_store.submit(real_uri, real_futures)
+    synth_done = finalize_store.submit(synth_uri, synth_futures)
+
+    artifact_dir = out or str(work / "artifacts" / f"{_slug(bb.name)}-L{bb.layer}")
+    from prefect.runtime import flow_run
+
+    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+    fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
+                                 gamma=gamma, threshold=threshold, dask_address=dask_address,
+                                 extra_manifest={"lineage": lineage}).result()
+    result = {
+        "artifact": fitted["path"],
+        "content_hash": fitted["manifest"]["content_hash"],
+        "n_suppressed": fitted["manifest"]["n_suppressed"],
+        "mu": fitted["manifest"]["mu"],
+        "top": fitted["top"],
+        "stores": {"real": real_uri, "synthetic": synth_uri},
+        "extraction": {"real": real_done.result(), "synthetic": synth_done.result()},
+        "skipped_images": real_plan["skipped"],
+        "ref": None,
+    }
+    _publish_prefect_artifacts(result, bb)
+    return result
+
+
+def _publish_prefect_artifacts(result: dict, bb) -> None:
+    create_table_artifact(table=result["top"], key="soap-top-si-scores",
+                          description=f"Top SI scores, {bb.name} layer {bb.layer}")
+    lines = [
+        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature})",
+        "",
+        f"- components suppressed: **{result['n_suppressed']}** (μ = {result['mu']:g})",
+        f"- artifact: `{result['artifact']}` (sha256 `{result['content_hash'][:16]}…`)",
+        f"- real store: `{result['stores']['real']}`",
+        f"- synthetic store: `{result['stores']['synthetic']}`",
+        f"- skipped real images: {result['skipped_images']}",
+    ]
+    if result.get("ref"):
+        lines.append(f"- registry: `{result['ref']}`")
+    create_markdown_artifact(markdown="\n".join(lines), key="soap-refit-summary")
+    create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
+                         key="soap-artifact")

@@ -1,0 +1,108 @@
+"""``soap extract`` (one feature store) and ``soap refit`` (the whole flow)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from soapflow.cli.fit import parse_mu
+from soapflow.extract import DEFAULT_CHUNK
+
+
+def extract(
+    source: Annotated[str, typer.Option(help="A folder, 'photos', 'fashion-mnist[:train|:test]' or 'noise:<generator>'.")],
+    out: Annotated[str, typer.Option(help="Feature store to write (path or URL); an interrupted one resumes.")],
+    backbone: Annotated[str, typer.Option(help="Catalog name or timm ViT name.")] = "dinov2_vits14",
+    weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
+    layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
+    feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
+    n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise).")] = None,
+    image_size: Annotated[Optional[int], typer.Option(help="Input size (multiple of the patch size).")] = None,
+    chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
+    seed: Annotated[int, typer.Option(help="Seed of synthetic images.")] = 0,
+    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
+    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader decode processes.")] = 1,
+) -> None:
+    """Extract patch tokens of one image source into a feature store."""
+    from rich.console import Console
+
+    from soapflow.extract import extract as run_extract
+
+    store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
+                               image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
+                               num_workers=workers)
+    attrs = store.attrs
+    console = Console()
+    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype}")
+    console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s); "
+                  f"skipped files: {attrs.get('n_skipped', 0)}")
+    for item in (attrs.get("skipped") or [])[:10]:
+        console.print(f"  skipped {item['path']}: {item['reason']}")
+
+
+def refit(
+    backbone: Annotated[str, typer.Option(help="Catalog name or timm ViT name.")] = "dinov2_vits14",
+    weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
+    layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
+    feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
+    data: Annotated[str, typer.Option(help="Real images: folder, 'photos', 'fashion-mnist[:split]'.")] = "photos",
+    n_real: Annotated[Optional[int], typer.Option(help="Real images to use (default: all).")] = None,
+    n_synth: Annotated[Optional[int], typer.Option(help="Synthetic images (default: as many as real).")] = None,
+    generator: Annotated[str, typer.Option(help="Noise generator of the synthetic set.")] = "mixture",
+    image_size: Annotated[Optional[int], typer.Option(help="Input size.")] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+    mu: Annotated[str, typer.Option(help="Soft count of suppressed components, or 'auto'.")] = "2",
+    tau: Annotated[float, typer.Option()] = 0.05,
+    gamma: Annotated[float, typer.Option()] = 1.0,
+    threshold: Annotated[float, typer.Option()] = 0.75,
+    chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
+    device: Annotated[Optional[str], typer.Option()] = None,
+    workers: Annotated[int, typer.Option(help="DataLoader decode processes per extraction.")] = 1,
+    shards: Annotated[int, typer.Option(help="Parallel extraction tasks per store.")] = 1,
+    workdir: Annotated[Optional[str], typer.Option(help="Where stores and artifacts go (default ~/.cache/soapflow/work).")] = None,
+    out: Annotated[Optional[str], typer.Option(help="Artifact directory.")] = None,
+    registry: Annotated[Optional[str], typer.Option(help="Registry root to publish to.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Registry name (default <backbone>/<layer>).")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Run tasks and the fit on this dask cluster.")] = None,
+) -> None:
+    """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from flows.refit import refit as refit_flow
+    from soapflow.errors import SoapError
+
+    if tau <= 0:
+        raise SoapError(f"--tau must be > 0, got {tau}")
+    flow = refit_flow
+    if dask_address:
+        from prefect_dask import DaskTaskRunner
+
+        flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
+    result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
+                  n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=parse_mu(mu), tau=tau,
+                  gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards, num_workers=workers,
+                  workdir=workdir, out=out, registry=registry, name=name, dask_address=dask_address)
+    console = Console()
+    table = Table(title="Top SI scores")
+    for col in ("rank", "SI score", "weight", "explained var."):
+        table.add_column(col, justify="right")
+    for row in result["top"]:
+        table.add_row(str(row["rank"]), f"{row['si_score']:.4f}", f"{row['weight']:.4f}",
+                      f"{row['explained_variance']:.2%}")
+    console.print(table)
+    ext = result["extraction"]
+    for kind in ("real", "synthetic"):
+        e = ext[kind]
+        rate = e["written_images"] / e["seconds"] if e["seconds"] else 0
+        console.print(f"{kind:9s} store: {e['uri']}  ({e['count']} images; {e['written_images']} extracted now"
+                      + (f", {rate:.1f} img/s" if e["written_images"] else ", all reused") + ")")
+    if result["skipped_images"]:
+        console.print(f"skipped unreadable real images: {result['skipped_images']} (listed in the store's attributes)")
+    console.print(f"components suppressed: {result['n_suppressed']} (μ = {result['mu']:g})")
+    console.print(f"artifact: {result['artifact']}")
+    console.print(f"plots:    {result['artifact']}/plots/")
+    if result.get("ref"):
+        console.print(f"registry: {result['ref']}")

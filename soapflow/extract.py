@@ -1,0 +1,172 @@
+"""Feature extraction: images from a source → backbone tokens → one feature-store chunk at a time.
+
+The unit of work is one store chunk: decode (DataLoader workers) → forward → write the
+chunk whole → flag it complete. Decoding runs ahead in worker processes and writing runs
+behind in a thread, so the forward pass never waits on either. A rerun skips flagged
+chunks; since every image is a pure function of the source and its index, a resumed
+store is identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import defaultdict
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+from soapflow.errors import SoapError
+from storage.feature_store import FeatureStore
+
+DEFAULT_CHUNK = 64
+
+# One forward pass at a time per device in this process: concurrent extractions (real ∥
+# synthetic) then interleave their chunks instead of oversubscribing the cores or the GPU,
+# while decoding and writing keep running beside them.
+_DEVICE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+
+
+@lru_cache(maxsize=4)
+def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str):
+    """One loaded model per process and configuration: mapped tasks reuse it."""
+    from soapflow.backbones import load_backbone
+
+    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
+
+
+@lru_cache(maxsize=16)
+def cached_source(spec: str, n: int | None, seed: int):
+    """Scanning a folder is not free; tasks of one run share the scan."""
+    from soapflow.sources import open_source
+
+    return open_source(spec, n=n, seed=seed)
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def store_attributes(backbone, source, dtype: str) -> dict:
+    """Provenance written into the store (SPEC §3)."""
+    from soapflow import __version__
+
+    info = backbone.info()
+    return {
+        **info,
+        "backbone": backbone.name,
+        "weights": backbone.weights_sha256,
+        "layer": backbone.layer,
+        "feature": backbone.feature,
+        "image_size": backbone.image_size,
+        "grid": list(backbone.grid),
+        "dim": backbone.dim,
+        "mean": list(backbone.mean),
+        "std": list(backbone.std),
+        "source": {"spec": source.spec, "kind": source.kind, **source.fingerprint},
+        "fingerprint": source_fingerprint(source),
+        "skipped": source.skipped,
+        "n_skipped": len(source.skipped),
+        "soapflow_version": __version__,
+        "dtype": dtype,
+    }
+
+
+def source_fingerprint(source) -> str:
+    """A short stable hash of a source's provenance, used to match fits to data."""
+    import hashlib
+    import json
+
+    blob = json.dumps({"spec": source.spec, **source.fingerprint}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def open_store_for(uri: str, backbone, source, *, chunk: int = DEFAULT_CHUNK, dtype: str = "float16",
+                   storage_options: dict | None = None) -> FeatureStore:
+    """Create the store for (backbone, source), or reopen it to resume."""
+    if len(source) == 0:
+        raise SoapError(f"source {source.spec} has no usable images ({len(source.skipped)} skipped)")
+    return FeatureStore.create(
+        uri, count=len(source), grid=backbone.grid, dim=backbone.dim, chunk=chunk, dtype=dtype,
+        attrs=store_attributes(backbone, source, dtype), storage_options=storage_options,
+    )
+
+
+@dataclass
+class ExtractStats:
+    images: int = 0
+    chunks: int = 0
+    seconds: float = 0.0
+    forward_seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | None = None, *,
+                   num_workers: int = 1, progress: bool = True, desc: str | None = None) -> ExtractStats:
+    """Fill the given chunks (default: all pending ones); already complete chunks are skipped."""
+    import torch
+    from tqdm.auto import tqdm
+
+    pending = set(store.pending_chunks())
+    todo = [c for c in (chunks if chunks is not None else sorted(pending)) if c in pending]
+    stats = ExtractStats()
+    if not todo:
+        return stats
+    device = backbone.device
+    ranges = [store.chunk_range(c) for c in todo]
+    loader = _loader(source, ranges, backbone, num_workers, device)
+    bar = tqdm(total=sum(len(r) for r in ranges), desc=desc or f"extract {source.spec}", unit="img",
+               disable=not progress, smoothing=0.1)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
+        in_flight: list[Future] = []
+        for position, images in loader:
+            with _DEVICE_LOCKS[str(device)]:
+                t = time.perf_counter()
+                tokens = backbone.tokens(images.to(device, non_blocking=True))
+                tokens = tokens.to("cpu", torch.float32).numpy()
+                stats.forward_seconds += time.perf_counter() - t
+            in_flight.append(writer.submit(store.write_chunk, todo[position], tokens))
+            # keep at most two chunks waiting on the disk: memory stays bounded
+            while len(in_flight) > 2:
+                in_flight.pop(0).result()
+            stats.images += len(tokens)
+            stats.chunks += 1
+            bar.update(len(tokens))
+        for f in in_flight:
+            f.result()
+    bar.close()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def _loader(source, ranges, backbone, num_workers, device):
+    from soapflow.sources import chunk_loader
+
+    return chunk_loader(source, ranges, backbone.image_size, backbone.mean, backbone.std,
+                        num_workers=num_workers, device=device, interpolation=backbone.interpolation or "bicubic")
+
+
+def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
+    """Round-robin split of chunk indices into at most ``parts`` non-empty groups."""
+    parts = max(1, min(parts, len(chunks)))
+    return [chunks[i::parts] for i in range(parts)] if chunks else []
+
+
+def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | None = None, layer: int = -1,
+            feature: str = "out", n: int | None = None, image_size: int | None = None,
+            chunk: int = DEFAULT_CHUNK, seed: int = 0, dtype: str = "float16", device: str | None = None,
+            num_workers: int = 1, storage_options: dict | None = None, progress: bool = True):
+    """Extract one complete feature store; returns ``(store, stats)``."""
+    backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device or default_device())
+    source = cached_source(source_spec, n, seed)
+    store = open_store_for(out, backbone, source, chunk=chunk, dtype=dtype, storage_options=storage_options)
+    stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress)
+    store.finalize(count=store.count)
+    return store, stats
+
