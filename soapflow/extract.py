@@ -146,8 +146,14 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
 
 
 def _loader(source, ranges, backbone, num_workers, device):
+    import multiprocessing
+
     from soapflow.sources import chunk_loader
 
+    if multiprocessing.current_process().daemon:
+        # dask worker processes are daemonic and may not fork DataLoader workers; the
+        # cluster's own worker processes give the parallelism there.
+        num_workers = 0
     return chunk_loader(source, ranges, backbone.image_size, backbone.mean, backbone.std,
                         num_workers=num_workers, device=device, interpolation=backbone.interpolation or "bicubic")
 

@@ -163,7 +163,12 @@ def fit_stores(
         raise SoapError(f"feature store {real.uri}: need at least 2 tokens for a covariance")
 
     moments = _run_pass(client, real, _leaf_moments, _merge_moments, desc="fit: moments", progress=progress).value
-    eigenvalues, components = method.principal_components(moments)
+    from threadpoolctl import threadpool_limits
+
+    # LAPACK's eigenvectors change in the last bit with its thread count (dask workers
+    # default to one BLAS thread): one thread everywhere keeps artifacts bit-identical.
+    with threadpool_limits(limits=1):
+        eigenvalues, components = method.principal_components(moments)
     real_counts = _run_pass(
         client, real, _leaf_counts, _merge_counts, (moments.mean, components), desc="fit: real maps", progress=progress
     ).value

@@ -34,7 +34,7 @@ def extract(
                                image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
                                num_workers=workers)
     attrs = store.attrs
-    console = Console()
+    console = Console(soft_wrap=True)
     console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype}")
     console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s); "
                   f"skipped files: {attrs.get('n_skipped', 0)}")
@@ -85,7 +85,7 @@ def refit(
                   n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=parse_mu(mu), tau=tau,
                   gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards, num_workers=workers,
                   workdir=workdir, out=out, registry=registry, name=name, dask_address=dask_address)
-    console = Console()
+    console = Console(soft_wrap=True)
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
         table.add_column(col, justify="right")

@@ -56,7 +56,7 @@ def fit(
         mu=parse_mu(mu), tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress),
         overwrite=overwrite, plots=not no_plots,
     )
-    print_fit_summary(Console(), fitted, manifest, path)
+    print_fit_summary(Console(soft_wrap=True), fitted, manifest, path)
 
 
 def print_fit_summary(console, fitted, manifest, path) -> None:

@@ -23,15 +23,14 @@ def _root() -> None:
 
 
 def _register() -> None:
+    from soapflow.cli import extract as extract_cli
     from soapflow.cli import fit as fit_cli
+    from soapflow.cli import noise as noise_cli
 
     app.command("fit")(fit_cli.fit)
-    try:
-        from soapflow.cli import noise as noise_cli
-    except ImportError:
-        pass
-    else:
-        app.add_typer(noise_cli.app, name="noise", help="Synthetic non-semantic images.")
+    app.command("extract")(extract_cli.extract)
+    app.command("refit")(extract_cli.refit)
+    app.add_typer(noise_cli.app, name="noise", help="Synthetic non-semantic images.")
 
 
 _register()

@@ -1,0 +1,115 @@
+"""Extraction into feature stores and the refit flow, with a small random ViT."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from soapflow.extract import cached_backbone, cached_source, extract, extract_chunks, open_store_for
+from storage.artifact import read_artifact
+from storage.feature_store import open_store
+
+TINY = dict(backbone_name="vit_tiny_patch16_224", weights="random", image_size=64)
+
+
+@pytest.fixture(scope="module")
+def bb():
+    return cached_backbone("vit_tiny_patch16_224", "random", -1, "out", 64, "cpu")
+
+
+def test_store_holds_backbone_tokens_with_provenance(tmp_path, bb):
+    store, stats = extract(**TINY, source_spec="photos", out=str(tmp_path / "s"), n=10, chunk=4, progress=False)
+    assert store.shape == (10, 4, 4, 192) and store.tokens.chunks == (4, 4, 4, 192)
+    assert stats.images == 10 and stats.chunks == 3
+    src = cached_source("photos", 10, 0)
+    expected = bb.tokens(src.batch(range(10), 64, bb.mean, bb.std)).numpy().astype(np.float16)
+    np.testing.assert_array_equal(store.tokens[:], expected)
+    attrs = store.attrs
+    assert attrs["backbone"] == "vit_tiny_patch16_224" and attrs["weights"] == "random"
+    assert attrs["layer"] == 11 and attrs["grid"] == [4, 4] and attrs["dim"] == 192
+    assert attrs["image_size"] == 64 and attrs["source"]["spec"] == "photos" and attrs["count"] == 10
+    assert len(attrs["fingerprint"]) == 64 and "completed" in attrs and attrs["soapflow_version"]
+
+
+def test_interrupted_extraction_resumes_identically(tmp_path, bb):
+    full, _ = extract(**TINY, source_spec="noise:mixture", out=str(tmp_path / "full"), n=22, chunk=5, progress=False)
+    src = cached_source("noise:mixture", 22, 0)
+    partial = open_store_for(str(tmp_path / "part"), bb, src, chunk=5)
+    extract_chunks(partial, bb, src, [1, 3], progress=False)  # a run that died after two chunks
+    assert partial.pending_chunks() == [0, 2, 4]
+    resumed, stats = extract(**TINY, source_spec="noise:mixture", out=str(tmp_path / "part"), n=22, chunk=5,
+                             progress=False)
+    assert stats.chunks == 3 and stats.images == 12  # only the missing chunks were redone
+    np.testing.assert_array_equal(resumed.tokens[:], full.tokens[:])
+
+
+def test_unreadable_files_are_skipped_and_listed(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(5):
+        Image.fromarray(np.full((40, 50, 3), 40 * i, np.uint8)).save(folder / f"ok{i}.png")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    store, _ = extract(**TINY, source_spec=str(folder), out=str(tmp_path / "s"), chunk=2, progress=False)
+    assert store.count == 5
+    skipped = {item["path"].split("/")[-1]: item["reason"] for item in store.attrs["skipped"]}
+    assert set(skipped) == {"broken.jpg", "empty.png"} and store.attrs["n_skipped"] == 2
+
+
+def test_cli_extract_and_bad_backbone(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "soapflow.cli", "extract", *a],  # noqa: E731
+                                    capture_output=True, text=True)
+    ok = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--source",
+             "noise:pink", "--n", "6", "--chunk", "4", "--out", str(tmp_path / "s"))
+    assert ok.returncode == 0, ok.stderr
+    assert "wrote 6 images in 2 chunks" in ok.stdout
+    bad = run("--backbone", "vit_nonexistent_9000", "--source", "photos", "--out", str(tmp_path / "b"))
+    assert bad.returncode == 2 and "vit_nonexistent_9000" in bad.stderr and "Traceback" not in bad.stderr
+    nonoise = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--source", "noise:pink",
+                  "--out", str(tmp_path / "c"))
+    assert nonoise.returncode == 2 and "Traceback" not in nonoise.stderr
+
+
+def _refit(tmp, **kw):
+    from flows.refit import refit
+
+    return refit(backbone="vit_tiny_patch16_224", weights="random", image_size=64, data="photos", n_real=12,
+                 chunk=4, workdir=str(tmp), progress=False, **kw)
+
+
+def test_refit_flow_thread_pool_and_dask_runner_agree(tmp_path):
+    from distributed import LocalCluster
+    from prefect_dask import DaskTaskRunner
+
+    from flows.refit import refit
+
+    first = _refit(tmp_path / "a")
+    art = read_artifact(first["artifact"])
+    assert art.manifest["n_real_images"] == 12 and art.manifest["n_synth_images"] == 12
+    assert art.manifest["lineage"]["flow_run_id"]
+    assert (first["extraction"]["real"]["written_images"], first["extraction"]["synthetic"]["written_images"]) == (12, 12)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+        flow = refit.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
+        second = flow(backbone="vit_tiny_patch16_224", weights="random", image_size=64, data="photos", n_real=12,
+                      chunk=4, shards=2, workdir=str(tmp_path / "b"), progress=False,
+                      dask_address=cluster.scheduler_address)
+    assert second["content_hash"] == first["content_hash"]
+    # a second refit on the same inputs reuses both stores
+    again = _refit(tmp_path / "a")
+    assert again["extraction"]["real"]["written_images"] == 0 and again["content_hash"] == first["content_hash"]
+
+
+def test_cli_refit_prints_summary(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "soapflow.cli", "refit", "--backbone", "vit_tiny_patch16_224",
+                             "--weights", "random", "--image-size", "32", "--n-real", "8", "--chunk", "4",
+                             "--workdir", str(tmp_path), "--mu", "auto"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = result.stdout
+    assert "Top SI scores" in out and "components suppressed" in out and "artifact:" in out
+    path = out.split("artifact:")[1].split()[0]
+    assert read_artifact(path).manifest["mu_mode"] == "auto"
