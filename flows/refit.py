@@ -21,6 +21,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from soapflow.extract import DEFAULT_CHUNK, default_device
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
+from tasks.publish import publish_artifact
 
 
 def default_workdir() -> Path:
@@ -73,10 +74,15 @@ def refit(
     out: str | None = None,
     registry: str | None = None,
     name: str | None = None,
+    publish: bool = True,
     dask_address: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Refit SOAP for one backbone/layer on real images and synthetic noise."""
+    """Refit SOAP for one backbone/layer on real images and synthetic noise.
+
+    The artifact is published to ``registry`` (default: ``$SOAPFLOW_REGISTRY`` or the
+    per-user registry) unless ``publish`` is false.
+    """
     from soapflow.extract import cached_backbone
 
     logger = get_run_logger()
@@ -116,6 +122,12 @@ def refit(
         "skipped_images": real_plan["skipped"],
         "ref": None,
     }
+    if publish:
+        published = publish_artifact.submit(fitted["path"], registry, name, lineage).result()
+        result["ref"] = published["ref"]
+        result["registry"] = published["registry"]
+        result["published_new_version"] = published["created"]
+        logger.info("published %s%s", published["ref"], "" if published["created"] else " (identical content already there)")
     _publish_prefect_artifacts(result, bb)
     return result
 
@@ -137,3 +149,6 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_markdown_artifact(markdown="\n".join(lines), key="soap-refit-summary")
     create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
                          key="soap-artifact")
+    for kind, uri in result["stores"].items():
+        link = Path(uri).resolve().as_uri() if "://" not in uri else uri
+        create_link_artifact(link=link, link_text=f"{kind} feature store", key=f"soap-{kind}-store")

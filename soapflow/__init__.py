@@ -9,7 +9,7 @@ try:
 except PackageNotFoundError:  # running from a checkout without install
     __version__ = "0.0.0+local"
 
-__all__ = ["SOAPHead", "SoapError", "__version__"]
+__all__ = ["SOAPHead", "SoapError", "__version__", "attach", "load_head"]
 
 
 def __getattr__(name):
@@ -18,4 +18,8 @@ def __getattr__(name):
         from soapflow.head import SOAPHead
 
         return SOAPHead
+    if name in ("load_head", "attach"):
+        from soapflow import consume
+
+        return getattr(consume, name)
     raise AttributeError(name)

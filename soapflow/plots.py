@@ -38,6 +38,7 @@ def si_scores_plot(scores: np.ndarray, weights: np.ndarray, threshold: float) ->
     ax.set_xlabel("component, sorted by SI score")
     ax.set_ylabel("SI score")
     ax.set_xscale("symlog", linthresh=10)
+    ax.set_xlim(left=0)
     ax.legend(loc="upper right")
     ax.set_title("Semantic-invariance scores")
     return _figure_bytes(fig)

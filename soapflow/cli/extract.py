@@ -65,6 +65,7 @@ def refit(
     out: Annotated[Optional[str], typer.Option(help="Artifact directory.")] = None,
     registry: Annotated[Optional[str], typer.Option(help="Registry root to publish to.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Registry name (default <backbone>/<layer>).")] = None,
+    publish: Annotated[bool, typer.Option(help="Publish the artifact to the registry.")] = True,
     dask_address: Annotated[Optional[str], typer.Option(help="Run tasks and the fit on this dask cluster.")] = None,
 ) -> None:
     """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
@@ -84,7 +85,8 @@ def refit(
     result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
                   n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=parse_mu(mu), tau=tau,
                   gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards, num_workers=workers,
-                  workdir=workdir, out=out, registry=registry, name=name, dask_address=dask_address)
+                  workdir=workdir, out=out, registry=registry, name=name, publish=publish,
+                  dask_address=dask_address)
     console = Console(soft_wrap=True)
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
@@ -105,4 +107,5 @@ def refit(
     console.print(f"artifact: {result['artifact']}")
     console.print(f"plots:    {result['artifact']}/plots/")
     if result.get("ref"):
-        console.print(f"registry: {result['ref']}")
+        note = "" if result.get("published_new_version") else " (identical content was already published)"
+        console.print(f"registry: {result['ref']}  in {result['registry']}{note}")

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import typer
 
-from noise_generators import GENERATORS
 from soapflow.errors import SoapError
 
 app = typer.Typer(help="Synthetic non-semantic images (SPEC §2).", no_args_is_help=True)
@@ -23,13 +22,15 @@ def preview(
     size: int = typer.Option(224, "--size", help="Image side in pixels."),
     count: int = typer.Option(6, "--count", help="Images per generator (columns)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic set."),
-    names: str = typer.Option(",".join(GENERATORS), "--names",
-                              help=f"Comma-separated generators, from: {', '.join(GENERATORS)}."),
+    names: str = typer.Option("all", "--names",
+                              help="Comma-separated generators (pink, modulated_white, gradient, constant, "
+                                   "uniform, gaussian, mixture, marginal), or 'all'."),
 ) -> None:
     """Write a PNG grid: one row per generator, COUNT images each."""
+    from noise_generators import GENERATORS  # torch: only when the command runs
     from noise_generators.preview import preview_grid  # matplotlib only when needed
 
-    chosen = [n.strip() for n in names.split(",") if n.strip()]
+    chosen = list(GENERATORS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     if not chosen:
         raise SoapError(f"--names is empty; valid names: {', '.join(GENERATORS)}")
     bad = [n for n in chosen if n not in GENERATORS]

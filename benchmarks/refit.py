@@ -1,0 +1,86 @@
+"""End-to-end `soap refit` wall time ÷ pure forward time of the same backbone on the same images.
+
+    .venv/bin/python benchmarks/refit.py [--backbone dinov2_vits14] [--data fashion-mnist:train]
+                                         [--n 600] [--image-size 224] [--chunk 64]
+
+Pure forward: the same real + synthetic images, already decoded/generated and resident in
+memory, through `Backbone.tokens` in chunk-sized batches — nothing else. Refit: the `soap refit`
+command in a fresh process and a fresh work directory (imports, Prefect's ephemeral server,
+model load, decoding, noise generation, store writes, the fit, the artifact and plots).
+Goal ≤ 1.10× (CPU here). With --device cuda the same script measures a GPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def pure_forward(args) -> tuple[float, int]:
+    import torch
+
+    from soapflow.backbones import load_backbone
+    from soapflow.sources import open_source
+
+    bb = load_backbone(args.backbone, weights=args.weights, image_size=args.image_size, device=args.device)
+    real = open_source(args.data, n=args.n)
+    synth = open_source(f"noise:{args.generator}", n=len(real))
+    batches = []
+    for src in (real, synth):
+        for start in range(0, len(src), args.chunk):
+            idx = range(start, min(len(src), start + args.chunk))
+            batches.append(src.batch(idx, bb.image_size, bb.mean, bb.std, device=args.device))
+    bb.tokens(batches[0][:2])  # warm-up
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    for x in batches:
+        bb.tokens(x).cpu()
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - t, sum(len(b) for b in batches)
+
+
+def refit_wall(args) -> float:
+    with tempfile.TemporaryDirectory(prefix="soapflow-bench-refit-") as work:
+        cmd = [sys.executable, "-m", "soapflow.cli", "refit", "--backbone", args.backbone, "--data", args.data,
+               "--n-real", str(args.n), "--chunk", str(args.chunk), "--workdir", work, "--device", args.device,
+               "--workers", str(args.workers)]
+        if args.weights:
+            cmd += ["--weights", args.weights]
+        if args.image_size:
+            cmd += ["--image-size", str(args.image_size)]
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbone", default="dinov2_vits14")
+    ap.add_argument("--weights", default=None)
+    ap.add_argument("--data", default="fashion-mnist:train")
+    ap.add_argument("--generator", default="mixture")
+    ap.add_argument("--n", type=int, default=600)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--chunk", type=int, default=64)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+
+    t_refit = refit_wall(args)
+    t_forward, n_images = pure_forward(args)
+    print(f"{args.backbone} @ {args.image_size}px, {args.n} real ({args.data}) + {args.n} synthetic, device {args.device}")
+    print(f"pure forward          : {t_forward:7.1f} s   {n_images / t_forward:6.1f} img/s")
+    print(f"soap refit (end to end): {t_refit:7.1f} s   {n_images / t_refit:6.1f} img/s")
+    print(f"ratio refit / forward  : {t_refit / t_forward:7.2f}×   (goal ≤ 1.10×)")
+
+
+if __name__ == "__main__":
+    main()

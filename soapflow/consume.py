@@ -1,0 +1,189 @@
+"""Using a published projection at inference.
+
+    import soapflow.consume as soap
+    head = soap.load_head("dinov2_vits14/11@production")      # pulled once, hash-verified, cached
+    bb = load_backbone("dinov2_vits14", layer=11)
+    model = soap.attach(bb.model, head)                       # layer from the head's manifest
+    tokens = model.tokens(images)                             # (B, H, W, D), SOAP-corrected
+    logits = model(images)                                    # later blocks see corrected tokens
+
+The cache is ``$SOAPFLOW_CACHE/heads/<name>/<version>`` (default ``~/.cache/soapflow``,
+``$XDG_CACHE_HOME`` honoured). A cached copy is used only while it still verifies and its
+content hash is the one the registry holds for that version.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from soapflow.errors import SoapError
+from soapflow.head import SOAPHead
+
+
+def cache_root() -> Path:
+    env = os.environ.get("SOAPFLOW_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "soapflow"
+
+
+def pull_cached(ref: str, registry=None, storage_options: dict | None = None) -> Path:
+    """The artifact directory of ``ref`` in the local cache, pulling it when absent or stale."""
+    from storage.artifact import verify_artifact
+    from storage.registry import Registry
+
+    reg = registry if isinstance(registry, Registry) else Registry(registry, storage_options)
+    name, version = reg.resolve(ref)
+    expected = reg.content_hash(f"{name}:{version}")
+    target = cache_root() / "heads" / name / str(version)
+    if target.is_dir():
+        try:
+            if verify_artifact(target).get("content_hash") == expected:
+                return target
+        except SoapError:
+            pass  # corrupt or from another registry: pull again
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        reg.pull(f"{name}:{version}", tmp)
+        if target.exists():
+            trash = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            try:
+                os.rename(target, trash)
+            except FileNotFoundError:
+                trash = None
+            os.rename(tmp, target)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
+        else:
+            try:
+                os.rename(tmp, target)
+            except OSError:  # another process cached it meanwhile: use theirs if it verifies
+                if verify_artifact(target).get("content_hash") != expected:
+                    raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_head(ref: str, registry=None, storage_options: dict | None = None) -> SOAPHead:
+    """A :class:`SOAPHead` for a registry ref (``name``, ``name@alias``, ``name:3``).
+
+    ``registry`` is a root (path or ``s3://`` URL), a ``Registry``, or None for
+    ``$SOAPFLOW_REGISTRY`` / the per-user default. The head's ``manifest`` carries the
+    registry name and version."""
+    path = pull_cached(ref, registry, storage_options)
+    return SOAPHead.from_artifact(path)
+
+
+def _blocks(model: nn.Module) -> nn.Module:
+    blocks = getattr(model, "blocks", None)
+    if blocks is None or not hasattr(blocks, "__len__"):
+        raise SoapError(f"attach: {type(model).__name__} has no 'blocks' (expects a timm ViT or a soapflow Backbone)")
+    return blocks
+
+
+class SOAPAttached(nn.Module):
+    """A ViT whose block ``layer`` outputs SOAP-corrected patch tokens.
+
+    The correction is a forward hook on ``model.blocks[layer]`` that maps the patch tokens
+    (everything after ``model.num_prefix_tokens``) through the head and leaves class/register
+    tokens alone; every later block, the final norm and the classifier see the corrected tokens.
+    The hook is registered on ``model`` itself, so it applies to any call into the model
+    (``forward``, ``forward_features``, ``forward_intermediates``) until :meth:`detach`; use
+    ``with attach(...) as m:`` to scope it.
+    """
+
+    def __init__(self, model: nn.Module, head: SOAPHead, layer: int):
+        super().__init__()
+        blocks = _blocks(model)
+        depth = len(blocks)
+        if not -depth <= int(layer) < depth:
+            raise SoapError(f"attach: layer {layer} is out of range for a model with {depth} blocks")
+        dim = int(getattr(model, "embed_dim", 0) or getattr(model, "num_features", 0) or 0)
+        if dim and dim != head.in_features:
+            raise SoapError(
+                f"attach: the head has D={head.in_features} but the model's tokens have D={dim}; "
+                "was it fitted on another backbone?"
+            )
+        self.model = model
+        self.head = head
+        self.layer = int(layer) % depth
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self._handle = blocks[self.layer].register_forward_hook(self._hook)
+
+    def _hook(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        if not isinstance(output, torch.Tensor) or output.ndim != 3:
+            raise SoapError(f"attach: block {self.layer} returned {type(output).__name__}, expected (B, N, D) tokens")
+        n = self.num_prefix_tokens
+        weight = self.head.weight.to(device=output.device, dtype=output.dtype)
+        patches = nn.functional.linear(output[:, n:], weight)
+        return torch.cat([output[:, :n], patches], dim=1) if n else patches
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """SOAP-corrected patch tokens of block ``layer`` as ``(B, H, W, D)`` (before the final norm)."""
+        with torch.inference_mode():
+            (feats,) = self.model.forward_intermediates(
+                images, indices=[self.layer], output_fmt="NLC", intermediates_only=True, stop_early=True
+            )
+        b, n, d = feats.shape
+        grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
+        if grid is not None and grid[0] * grid[1] == n:
+            h, w = int(grid[0]), int(grid[1])
+        else:
+            h = w = int(round(n**0.5))
+            if h * w != n:
+                return feats.float()
+        return feats.float().reshape(b, h, w, d)
+
+    def detach(self) -> nn.Module:
+        """Remove the hook; the model is unchanged afterwards. Returns the bare model."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+        return self.model
+
+    def __enter__(self) -> SOAPAttached:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def attach(model: Any, head: SOAPHead | str, layer: int | None = None, **load_kwargs) -> SOAPAttached:
+    """Attach a SOAP head to a ViT (timm model or soapflow ``Backbone``) at block ``layer``.
+
+    ``head`` may be a registry ref, loaded with :func:`load_head` (``load_kwargs`` go there).
+    ``layer`` defaults to the head manifest's layer (a soapflow Backbone's own layer next)."""
+    if isinstance(head, str):
+        head = load_head(head, **load_kwargs)
+    if not isinstance(head, SOAPHead):
+        raise SoapError(f"attach: expected a SOAPHead or a registry ref, got {type(head).__name__}")
+    feature = (head.manifest or {}).get("feature") or "out"
+    if feature != "out":
+        raise SoapError(
+            f"attach: this head was fitted on {feature!r} features; only 'out' (block output) "
+            "heads can be attached to the token stream"
+        )
+    bb_layer = None
+    if hasattr(model, "model") and hasattr(model, "tokens") and hasattr(model, "layer"):  # a Backbone
+        bb_layer = model.layer
+        model = model.model
+    if layer is None:
+        layer = (head.manifest or {}).get("layer")
+        if layer is None:
+            layer = bb_layer
+        if layer is None:
+            raise SoapError("attach: pass layer= (the head's manifest names none)")
+    return SOAPAttached(model, head, int(layer))

@@ -1,0 +1,17 @@
+"""Prefect task that publishes an artifact directory to the registry (``storage.registry``)."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+
+@task(name="publish-artifact", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
+def publish_artifact(artifact_dir: str, registry: str | None, name: str | None, lineage: dict) -> dict:
+    """Publish (idempotent: identical content returns the existing version)."""
+    from storage.registry import Registry
+
+    reg = Registry(registry)
+    res = reg.publish(artifact_dir, name=name, lineage=lineage)
+    return {"ref": res.ref, "name": res.name, "version": res.version, "created": res.created,
+            "registry": str(reg.root)}
