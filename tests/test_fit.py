@@ -11,6 +11,7 @@ from safetensors.numpy import load_file
 from soapflow.cluster import dask_client
 from soapflow.errors import SoapError
 from soapflow.fit import fit_stores, fit_to_artifact
+from storage.feature_store import FeatureStore
 from storehelp import positional_tokens, write_store
 
 EPS = 1e-12
@@ -246,3 +247,31 @@ def test_cli_fit_writes_artifact_and_plots(stores, tmp_path):
     assert tensors["p"].shape == (4, 5, 12)
     for png in ("si_scores.png", "response_maps.png"):
         assert (out / "plots" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _peak_rss_of_fit(real, synth, out):
+    """Peak RSS (bytes) of a `soap fit` process, via wait4's rusage of that child alone."""
+    import os
+
+    proc = subprocess.Popen([sys.executable, "-m", "soapflow.cli", "fit", str(real), str(synth), "--out", str(out),
+                             "--no-plots"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(proc.pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
+    return usage.ru_maxrss * 1024
+
+
+def test_fit_memory_is_bounded_by_blocks_not_by_n(tmp_path):
+    """8× more tokens (1.2 GB more as float64) must not raise the fit's peak memory noticeably."""
+    h, w, d = 16, 16, 384
+    rng = np.random.default_rng(0)
+    for name, n in (("small", 200), ("large", 1600)):
+        store = FeatureStore.create(str(tmp_path / name), count=n, grid=(h, w), dim=d, chunk=50,
+                                    attrs={"backbone": "test-vit", "layer": 3})
+        for i in store.pending_chunks():
+            rows = store.chunk_range(i)
+            store.write_chunk(i, rng.standard_normal((len(rows), h, w, d), dtype=np.float32))
+        store.finalize()
+    small = _peak_rss_of_fit(tmp_path / "small", tmp_path / "small", tmp_path / "a1")
+    large = _peak_rss_of_fit(tmp_path / "large", tmp_path / "small", tmp_path / "a2")
+    float64_growth = (1600 - 200) * h * w * d * 8
+    assert large - small < 0.15 * float64_growth, (small / 2**20, large / 2**20)
