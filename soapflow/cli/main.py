@@ -23,16 +23,20 @@ def _root() -> None:
 
 
 def _register() -> None:
+    from soapflow.cli import eval as eval_cli
     from soapflow.cli import extract as extract_cli
     from soapflow.cli import fit as fit_cli
     from soapflow.cli import noise as noise_cli
     from soapflow.cli import registry as registry_cli
+    from soapflow.cli import scan as scan_cli
 
     app.command("fit")(fit_cli.fit)
     app.command("extract")(extract_cli.extract)
     app.command("refit")(extract_cli.refit)
     app.add_typer(noise_cli.app, name="noise", help="Synthetic non-semantic images.")
     app.add_typer(registry_cli.app, name="registry", help="Versioned projection artifacts: publish, promote, pull.")
+    app.add_typer(eval_cli.app, name="eval", help="Zero-shot evaluations: raw vs SOAP, with paired CIs.")
+    app.command("scan")(scan_cli.scan)
 
 
 _register()

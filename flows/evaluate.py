@@ -1,0 +1,149 @@
+"""The ``evaluate`` flow: zero-shot evaluations of one SOAP head, raw vs SOAP (SPEC §5).
+
+    resolve head (pin name:version) ─> salient (per τ) ─> knn-seg ─> knn-cls ─> record ─> Prefect artifacts
+
+Runs with no Prefect server (ephemeral mode). Evaluations run one after another (they share
+the CPU/GPU and the token cache: each dataset is extracted once per run). Results go into the
+registry version's record when the head is a registry ref (an artifact directory is immutable:
+its results are returned and written as JSON under ``out_dir`` only).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+
+from tasks.evaluate import knn_cls_task, knn_seg_task, record_task, resolve_head_task, salient_task
+
+EVALUATIONS = ("salient", "knn-seg", "knn-cls")
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(text)).strip("-")[:80] or "x"
+
+
+def default_out_dir(head_ref: str) -> Path:
+    base = os.environ.get("SOAPFLOW_WORKDIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "soapflow", "work")
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    return Path(base) / "evaluations" / f"{_slug(os.path.basename(head_ref.rstrip('/')) or head_ref)}-{stamp}"
+
+
+@flow(name="evaluate", log_prints=True)
+def evaluate(
+    head_ref: str,
+    evaluations: list[str] = ["salient", "knn-seg", "knn-cls"],  # noqa: B006 - Prefect parameters are copied
+    dataset: str = "fashion-mnist",
+    n: int | None = 1000,
+    image_size: int | None = None,
+    registry: str | None = None,
+    taus: list[float] = [0.2],  # noqa: B006
+    soap_tau: float | None = None,
+    foreground: str = "seed",
+    refine: bool = False,
+    bank: str | None = None,
+    bank_n: int | None = 1000,
+    knn_seg_k: int = 10,
+    knn_cls_k: int = 20,
+    bank_patches: int | None = 16384,
+    pools: list[str] = ["mean", "cls"],  # noqa: B006
+    n_boot: int = 2000,
+    seed: int = 0,
+    batch_size: int = 32,
+    weights: str | None = None,
+    device: str = "cpu",
+    cache_dir: str | None = None,
+    out_dir: str | None = None,
+    record: bool = True,
+    progress: bool = False,
+) -> dict:
+    """Evaluate ``head_ref`` (registry ref or artifact directory) raw vs SOAP.
+
+    ``image_size`` None = the size the head was fitted at. ``taus``: one salient run per τ
+    (``soap_tau`` overrides τ for the SOAP tokens, e.g. the authors' 0.3). Returns
+    ``{"head": ..., "reports": {key: report}, "recorded": ..., "out_dir": ...}``."""
+    from soapflow.errors import SoapError
+    from soapflow.evaluation.report import markdown_table, table_rows, write_json
+    from soapflow.evaluation.run import report_key
+
+    logger = get_run_logger()
+    bad = [e for e in evaluations if e not in EVALUATIONS]
+    if bad or not evaluations:
+        raise SoapError(f"evaluations must be a non-empty subset of {list(EVALUATIONS)}, got {list(evaluations)}")
+    head = resolve_head_task(head_ref, registry)
+    pinned = head["pinned"]
+    logger.info("head %s -> %s (%s layer %s)", head_ref, pinned, head["manifest"].get("backbone"),
+                head["manifest"].get("layer"))
+    out = Path(out_dir) if out_dir else default_out_dir(head_ref)
+    out.mkdir(parents=True, exist_ok=True)
+    own_cache = cache_dir is None
+    cache = cache_dir or tempfile.mkdtemp(prefix="soap-eval-tokens-")
+    ctx_kw = dict(registry=registry, weights=weights, image_size=image_size, device=device)
+    common = dict(n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache, progress=progress)
+    reports: dict[str, dict] = {}
+    try:
+        if "salient" in evaluations:
+            for tau in taus:
+                rep = salient_task(pinned, **ctx_kw, dataset=dataset, n=n, tau=float(tau), soap_tau=soap_tau,
+                                   foreground=foreground, refine=refine,
+                                   grid_png=str(out / f"salient-tau{tau:g}.png"), **common)
+                reports[report_key(rep)] = rep
+        if "knn-seg" in evaluations:
+            rep = knn_seg_task(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_seg_k,
+                               bank_patches=bank_patches, grid_png=str(out / "knn-seg.png"), **common)
+            reports[report_key(rep)] = rep
+        if "knn-cls" in evaluations:
+            rep = knn_cls_task(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_cls_k,
+                               pools=tuple(pools), **common)
+            reports[report_key(rep)] = rep
+    finally:
+        if own_cache:
+            shutil.rmtree(cache, ignore_errors=True)
+
+    for key, rep in reports.items():
+        write_json(out / f"{key}.json", rep)
+    recorded = None
+    if record and head["from_registry"]:
+        recorded = record_task(pinned, registry, reports)
+        logger.info("recorded %d evaluations in %s %s", len(reports), recorded["registry"], pinned)
+    elif record:
+        logger.info("head %s is an artifact directory (immutable): results only in %s", head_ref, out)
+
+    _publish(head, list(reports.values()), out, recorded)
+    rows = [row for rep in reports.values() for row in table_rows(rep)]
+    print(markdown_table(list(reports.values())))
+    return {"head": head, "reports": reports, "rows": rows, "recorded": recorded, "out_dir": str(out)}
+
+
+def _publish(head: dict, reports: list[dict], out: Path, recorded: dict | None) -> None:
+    from soapflow.evaluation.report import markdown_table, table_rows
+
+    m = head["manifest"]
+    rows = [row for rep in reports for row in table_rows(rep)]
+    create_table_artifact(table=rows, key="soap-eval-table",
+                          description=f"Raw vs SOAP (values in %), {m.get('backbone')} layer {m.get('layer')}, "
+                                      f"head {head['pinned']}")
+    lines = [f"# SOAP zero-shot evaluation: {m.get('backbone')}, layer {m.get('layer')}", "",
+             f"- head: `{head['pinned']}` (sha256 `{str(m.get('content_hash'))[:16]}…`)",
+             f"- results: `{out}`"]
+    if recorded:
+        lines.append(f"- recorded in `{recorded['registry']}` as {', '.join(recorded['keys'])}")
+    lines += ["", "Δ = SOAP − raw with a paired bootstrap 95% CI over images (* = CI excludes 0).", "",
+              markdown_table(reports), ""]
+    for rep in reports:
+        if rep.get("grid_png"):
+            uri = Path(rep["grid_png"]).resolve().as_uri()
+            lines.append(f"- [{rep['evaluation']} grid (image, GT, raw, SOAP)]({uri})")
+    create_markdown_artifact(markdown="\n".join(lines), key="soap-eval-summary")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    print(evaluate(sys.argv[1]))

@@ -1,0 +1,250 @@
+"""Reports: one JSON-able dict per evaluation, tables (markdown / rich / rows), PNG grids.
+
+Report schema (``schema`` 1)::
+
+    {
+      "schema": 1, "evaluation": "salient" | "knn-seg" | "knn-cls",
+      "head": {ref, name, version, content_hash, backbone, weights, layer, feature, image_size},
+      "dataset": {spec, layout, count, ...}, "n_images": N,
+      "config": {...protocol parameters...},
+      "metrics": {
+        "<metric>": {
+          "raw":   {"value": v, "ci95": [lo, hi]},
+          "soap":  {"value": v, "ci95": [lo, hi]},
+          "delta": {"value": soap − raw, "ci95": [lo, hi], "significant": bool,
+                    "improved": i, "worsened": w, "unchanged": u, "n": N, "n_boot": B, "seed": s}
+        }, ...
+      },
+      "timing_s": {...}, "grid_png": path | null
+    }
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+
+import numpy as np
+
+from soapflow.evaluation.stats import Paired
+
+__all__ = [
+    "SCHEMA",
+    "make_report",
+    "write_json",
+    "table_rows",
+    "markdown_table",
+    "print_report",
+    "save_mask_grid",
+    "save_label_grid",
+]
+
+SCHEMA = 1
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def make_report(
+    evaluation: str,
+    metrics: dict[str, Paired],
+    *,
+    head: dict,
+    dataset: dict,
+    n_images: int,
+    config: dict,
+    timing_s: dict | None = None,
+    grid_png: str | None = None,
+    extra: dict | None = None,
+) -> dict:
+    from soapflow import __version__
+
+    return _jsonable(
+        {
+            "schema": SCHEMA,
+            "evaluation": evaluation,
+            "head": head,
+            "dataset": dataset,
+            "n_images": int(n_images),
+            "config": config,
+            "metrics": {name: p.to_dict() for name, p in metrics.items()},
+            "timing_s": timing_s or {},
+            "grid_png": grid_png,
+            "soapflow_version": __version__,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            **(extra or {}),
+        }
+    )
+
+
+def write_json(path: str | os.PathLike, report) -> str:
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(report), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def _label(report: dict) -> str:
+    ev = report.get("evaluation", "?")
+    cfg = report.get("config", {})
+    if ev == "salient":
+        tau, stau = cfg.get("tau"), cfg.get("soap_tau")
+        t = f"τ={tau:g}" if stau in (None, tau) else f"τ raw={tau:g}/SOAP={stau:g}"
+        fg = cfg.get("foreground", "seed")
+        return f"salient {t}" + ("" if fg == "seed" else f" fg={fg}")
+    if ev == "knn-seg":
+        return f"knn-seg k={cfg.get('k')}"
+    if ev == "knn-cls":
+        return f"knn-cls k={cfg.get('k')}"
+    return ev
+
+
+def table_rows(report: dict, scale: float = 100.0) -> list[dict]:
+    """One row per metric: values in percent (``scale``), CI of Δ, improved/worsened."""
+    rows = []
+    head = report.get("head", {})
+    for name, m in report.get("metrics", {}).items():
+        raw, soap, delta = m["raw"], m["soap"], m["delta"]
+        lo, hi = delta.get("ci95", [None, None])
+        rows.append(
+            {
+                "layer": head.get("layer"),
+                "evaluation": _label(report),
+                "metric": name,
+                "n": delta.get("n"),
+                "raw": round(raw["value"] * scale, 2),
+                "soap": round(soap["value"] * scale, 2),
+                "delta": round(delta["value"] * scale, 2),
+                "delta_ci95_low": round(lo * scale, 2) if lo is not None else None,
+                "delta_ci95_high": round(hi * scale, 2) if hi is not None else None,
+                "improved": delta.get("improved"),
+                "worsened": delta.get("worsened"),
+            }
+        )
+    return rows
+
+
+def markdown_table(reports: list[dict], scale: float = 100.0) -> str:
+    """A markdown table of several reports (values in %, Δ with its paired 95% bootstrap CI)."""
+    lines = [
+        "| layer | evaluation | metric | n | raw | SOAP | Δ (SOAP − raw) [95% CI] | improved / worsened |",
+        "|---:|---|---|---:|---:|---:|---|---:|",
+    ]
+    for rep in reports:
+        for r in table_rows(rep, scale):
+            sig = "" if r["delta_ci95_low"] is None or r["delta_ci95_low"] <= 0 <= r["delta_ci95_high"] else " *"
+            lines.append(
+                f"| {r['layer']} | {r['evaluation']} | {r['metric']} | {r['n']} | {r['raw']:.2f} | {r['soap']:.2f} | "
+                f"{r['delta']:+.2f} [{r['delta_ci95_low']:+.2f}, {r['delta_ci95_high']:+.2f}]{sig} | "
+                f"{r['improved']} / {r['worsened']} |"
+            )
+    return "\n".join(lines)
+
+
+def print_report(report: dict, console=None) -> None:
+    """A rich table of one report."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    head = report.get("head", {})
+    title = f"{_label(report)} — {report.get('dataset', {}).get('spec')} (n={report.get('n_images')}), " \
+            f"{head.get('backbone')} layer {head.get('layer')}"
+    table = Table(title=title)
+    for col in ("metric", "raw", "SOAP", "Δ", "95% CI of Δ", "improved", "worsened"):
+        table.add_column(col, justify="right" if col != "metric" else "left")
+    for r in table_rows(report):
+        table.add_row(r["metric"], f"{r['raw']:.2f}", f"{r['soap']:.2f}", f"{r['delta']:+.2f}",
+                      f"[{r['delta_ci95_low']:+.2f}, {r['delta_ci95_high']:+.2f}]", str(r["improved"]),
+                      str(r["worsened"]))
+    console.print(table)
+    console.print("values in %; Δ CI = paired bootstrap over images "
+                  f"({next(iter(report['metrics'].values()))['delta']['n_boot'] if report.get('metrics') else 0} resamples)")
+    if report.get("grid_png"):
+        console.print(f"grid: {report['grid_png']}")
+
+
+# ---------------------------------------------------------------------------- PNG grids
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_mask_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict[str, np.ndarray],
+                   title: str | None = None) -> str:
+    """Rows = images; columns = image, ground truth, then each named mask set (raw, SOAP, …)."""
+    plt = _pyplot()
+    k = len(images)
+    ncol = 2 + len(columns)
+    fig, axes = plt.subplots(k, ncol, figsize=(1.9 * ncol, 1.9 * k + (0.4 if title else 0)), squeeze=False)
+    for i in range(k):
+        panels = [("image", images[i], None), ("ground truth", gts[i], "gray")]
+        panels += [(name, cols[i], "gray") for name, cols in columns.items()]
+        for j, (name, arr, cmap) in enumerate(panels):
+            ax = axes[i, j]
+            ax.imshow(arr, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def save_label_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict[str, np.ndarray], n_classes: int,
+                    title: str | None = None) -> str:
+    """Like :func:`save_mask_grid` for label maps (one colour per class, 255 = ignore shown black)."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab20", max(n_classes, 2))
+    k = len(images)
+    ncol = 2 + len(columns)
+    fig, axes = plt.subplots(k, ncol, figsize=(1.9 * ncol, 1.9 * k + (0.4 if title else 0)), squeeze=False)
+    for i in range(k):
+        panels = [("image", images[i], False), ("ground truth", gts[i], True)]
+        panels += [(name, cols[i], True) for name, cols in columns.items()]
+        for j, (name, arr, is_label) in enumerate(panels):
+            ax = axes[i, j]
+            if is_label:
+                a = np.ma.masked_equal(np.asarray(arr), 255)
+                ax.imshow(a, cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest")
+            else:
+                ax.imshow(arr)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(name, fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
