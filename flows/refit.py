@@ -75,13 +75,17 @@ def refit(
     registry: str | None = None,
     name: str | None = None,
     publish: bool = True,
+    evaluate_after: list[str] | None = None,
+    eval_dataset: str = "fashion-mnist",
+    eval_n: int | None = 1000,
     dask_address: str | None = None,
     progress: bool = True,
 ) -> dict:
     """Refit SOAP for one backbone/layer on real images and synthetic noise.
 
     The artifact is published to ``registry`` (default: ``$SOAPFLOW_REGISTRY`` or the
-    per-user registry) unless ``publish`` is false.
+    per-user registry) unless ``publish`` is false. ``evaluate_after`` (e.g. ``["knn-seg"]``)
+    runs the ``evaluate`` flow on the published version, which records its results there.
     """
     from soapflow.extract import cached_backbone
 
@@ -128,6 +132,12 @@ def refit(
         result["registry"] = published["registry"]
         result["published_new_version"] = published["created"]
         logger.info("published %s%s", published["ref"], "" if published["created"] else " (identical content already there)")
+        if evaluate_after:
+            from flows.evaluate import evaluate
+
+            result["evaluation"] = evaluate(head_ref=published["ref"], evaluations=list(evaluate_after),
+                                            dataset=eval_dataset, n=eval_n, registry=published["registry"],
+                                            weights=weights, device=spec["device"], progress=False)
     _publish_prefect_artifacts(result, bb)
     return result
 

@@ -52,3 +52,28 @@ def test_bad_catalogs_name_the_problem(tmp_path):
     bad.write_text("entries:\n  - layers: [1]\n")
     with pytest.raises(SoapError, match="entry 0 needs at least 'backbone'"):
         load_catalog(str(bad))
+
+
+def test_refit_publishes_then_evaluates_into_the_record(tmp_path):
+    from flows.refit import refit
+
+    reg = str(tmp_path / "reg")
+    result = refit(backbone="vit_tiny_patch16_224", weights="random", image_size=32, data="fashion-mnist:train",
+                   n_real=12, chunk=4, workdir=str(tmp_path / "work"), registry=reg, progress=False,
+                   evaluate_after=["knn-cls"], eval_n=20)
+    assert result["ref"] == "vit_tiny_patch16_224/11:1"
+    evaluations = Registry(reg).record(result["ref"])["evaluations"]
+    assert evaluations, "the evaluate flow should have written its results into the version's record"
+    only = next(iter(evaluations.values()))
+    assert {"raw", "soap", "delta"} <= set(json_keys(only))
+
+
+def json_keys(doc):
+    """Keys at any depth of a JSON document."""
+    if isinstance(doc, dict):
+        for k, v in doc.items():
+            yield k
+            yield from json_keys(v)
+    elif isinstance(doc, list):
+        for v in doc:
+            yield from json_keys(v)

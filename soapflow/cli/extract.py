@@ -66,6 +66,7 @@ def refit(
     registry: Annotated[Optional[str], typer.Option(help="Registry root to publish to.")] = None,
     name: Annotated[Optional[str], typer.Option(help="Registry name (default <backbone>/<layer>).")] = None,
     publish: Annotated[bool, typer.Option(help="Publish the artifact to the registry.")] = True,
+    evaluate: Annotated[Optional[str], typer.Option(help="After publishing, run these evaluations (e.g. knn-seg,salient) and record them.")] = None,
     dask_address: Annotated[Optional[str], typer.Option(help="Run tasks and the fit on this dask cluster.")] = None,
 ) -> None:
     """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
@@ -86,6 +87,7 @@ def refit(
                   n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=parse_mu(mu), tau=tau,
                   gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards, num_workers=workers,
                   workdir=workdir, out=out, registry=registry, name=name, publish=publish,
+                  evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
                   dask_address=dask_address)
     console = Console(soft_wrap=True)
     table = Table(title="Top SI scores")
@@ -109,3 +111,5 @@ def refit(
     if result.get("ref"):
         note = "" if result.get("published_new_version") else " (identical content was already published)"
         console.print(f"registry: {result['ref']}  in {result['registry']}{note}")
+    if result.get("evaluation"):
+        console.print(f"evaluations recorded in {result['ref']}: soap registry show {result['ref']}")
