@@ -94,15 +94,17 @@ def refit(
     spec = {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
             "device": device or default_device()}
     bb = cached_backbone(**spec)  # fail fast on a bad name/weights/layer, before any task runs
-    spec["layer"] = bb.layer  # resolved index: the same store whether given as -1 or 11
+    # Stores are named by the resolved block index (the same store whether given as -1 or 11);
+    # tasks get the spec as given, so they hit the model already cached in this process.
+    named = {**spec, "layer": bb.layer}
     logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
                 spec["device"])
 
-    real_uri = store_uri(work, spec, data, n_real, seed, chunk, dtype)
+    real_uri = store_uri(work, named, data, n_real, seed, chunk, dtype)
     real_plan, real_futures = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
     synth_source = f"noise:{generator}"
     synth_n = n_synth or real_plan["count"]
-    synth_uri = store_uri(work, spec, synth_source, synth_n, seed, chunk, dtype)
+    synth_uri = store_uri(work, named, synth_source, synth_n, seed, chunk, dtype)
     synth_plan, synth_futures = _extract(spec, synth_uri, synth_source, synth_n, seed, chunk, dtype, shards,
                                          num_workers, progress)
     real_done = finalize_store.submit(real_uri, real_futures)

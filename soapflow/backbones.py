@@ -24,6 +24,7 @@ import difflib
 import functools
 import operator
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
@@ -46,6 +47,10 @@ __all__ = [
 
 FEATURES = ("out", "q", "k", "v", "kqv")
 DEFAULT_BACKBONE = "dinov2_vits14"
+# Random initialisation seeds and draws from torch's global RNG: two threads building models
+# at once interleave their draws and both get weights that differ from weights="random"'s.
+_RANDOM_INIT_LOCK = threading.Lock()
+
 _STRIP_PREFIXES = ("module.", "model.", "_orig_mod.", "backbone.", "encoder.")
 _CONTAINER_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "module", "teacher", "target_encoder", "encoder")
 _STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt")
@@ -490,7 +495,7 @@ def load_backbone(
             if meta:  # skip the (slow, CPU) random init when a checkpoint will overwrite everything
                 with torch.device("meta"):
                     return timm.create_model(timm_name, pretrained=False, **kwargs)
-            with torch.random.fork_rng(devices=[]):
+            with _RANDOM_INIT_LOCK, torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 return timm.create_model(timm_name, pretrained=False, **kwargs)
         except TypeError as e:

@@ -4,6 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
+
+# A second local cluster on this machine (another fit, a test run) finds the scheduler's HTTP
+# port taken and moves to a free one: no news for the user, and it would turn a one-line error
+# into a multi-line warning on stderr.
+warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
 @contextlib.contextmanager

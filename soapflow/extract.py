@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from soapflow.errors import SoapError
-from storage.feature_store import FeatureStore
+from storage.feature_store import FeatureStore, store_lease
 
 DEFAULT_CHUNK = 64
 
@@ -27,9 +27,18 @@ DEFAULT_CHUNK = 64
 _DEVICE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 
 
-@lru_cache(maxsize=4)
+_BACKBONE_LOCK = threading.Lock()
+
+
 def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str):
-    """One loaded model per process and configuration: mapped tasks reuse it."""
+    """One loaded model per process and configuration: mapped tasks reuse it. Tasks running
+    at once in threads wait for one load instead of each loading (and holding) a copy."""
+    with _BACKBONE_LOCK:
+        return _cached_backbone(name, weights, layer, feature, image_size, device)
+
+
+@lru_cache(maxsize=4)
+def _cached_backbone(name, weights, layer, feature, image_size, device):
     from soapflow.backbones import load_backbone
 
     return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
@@ -108,39 +117,45 @@ class ExtractStats:
 
 def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | None = None, *,
                    num_workers: int = 1, progress: bool = True, desc: str | None = None) -> ExtractStats:
-    """Fill the given chunks (default: all pending ones); already complete chunks are skipped."""
+    """Fill the given chunks (default: all pending ones); already complete chunks are skipped.
+
+    Holds the store's lease shared: shards of one run fill chunks side by side, while a
+    concurrent exclusive writer (``extract`` or creating the store) is refused."""
     import torch
     from tqdm.auto import tqdm
 
-    pending = set(store.pending_chunks())
-    todo = [c for c in (chunks if chunks is not None else sorted(pending)) if c in pending]
-    stats = ExtractStats()
-    if not todo:
-        return stats
-    device = backbone.device
-    ranges = [store.chunk_range(c) for c in todo]
-    loader = _loader(source, ranges, backbone, num_workers, device)
-    bar = tqdm(total=sum(len(r) for r in ranges), desc=desc or f"extract {source.spec}", unit="img",
-               disable=not progress, smoothing=0.1)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
-        in_flight: list[Future] = []
-        for position, images in loader:
-            with _DEVICE_LOCKS[str(device)]:
-                t = time.perf_counter()
-                tokens = backbone.tokens(images.to(device, non_blocking=True))
-                tokens = tokens.to("cpu", torch.float32).numpy()
-                stats.forward_seconds += time.perf_counter() - t
-            in_flight.append(writer.submit(store.write_chunk, todo[position], tokens))
-            # keep at most two chunks waiting on the disk: memory stays bounded
-            while len(in_flight) > 2:
-                in_flight.pop(0).result()
-            stats.images += len(tokens)
-            stats.chunks += 1
-            bar.update(len(tokens))
-        for f in in_flight:
-            f.result()
-    bar.close()
+    with store_lease(store.uri, store.storage_options, shared=True):
+        pending = set(store.pending_chunks())
+        todo = [c for c in (chunks if chunks is not None else sorted(pending)) if c in pending]
+        stats = ExtractStats()
+        if not todo:
+            return stats
+        device = backbone.device
+        ranges = [store.chunk_range(c) for c in todo]
+        loader = _loader(source, ranges, backbone, num_workers, device)
+        bar = tqdm(total=sum(len(r) for r in ranges), desc=desc or f"extract {source.spec}", unit="img",
+                   disable=not progress, smoothing=0.1)
+        start = time.perf_counter()
+        try:  # close the bar even on failure: an error message then starts on a line of its own
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
+                in_flight: list[Future] = []
+                for position, images in loader:
+                    with _DEVICE_LOCKS[str(device)]:
+                        t = time.perf_counter()
+                        tokens = backbone.tokens(images.to(device, non_blocking=True))
+                        tokens = tokens.to("cpu", torch.float32).numpy()
+                        stats.forward_seconds += time.perf_counter() - t
+                    in_flight.append(writer.submit(store.write_chunk, todo[position], tokens))
+                    # keep at most two chunks waiting on the disk: memory stays bounded
+                    while len(in_flight) > 2:
+                        in_flight.pop(0).result()
+                    stats.images += len(tokens)
+                    stats.chunks += 1
+                    bar.update(len(tokens))
+                for f in in_flight:
+                    f.result()
+        finally:
+            bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
 
@@ -171,8 +186,10 @@ def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | No
     """Extract one complete feature store; returns ``(store, stats)``."""
     backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device or default_device())
     source = cached_source(source_spec, n, seed)
-    store = open_store_for(out, backbone, source, chunk=chunk, dtype=dtype, storage_options=storage_options)
-    stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress)
-    store.finalize(count=store.count)
+    # one extraction per store at a time: a second one refuses at once, naming the first
+    with store_lease(out, storage_options):
+        store = open_store_for(out, backbone, source, chunk=chunk, dtype=dtype, storage_options=storage_options)
+        stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress)
+        store.finalize(count=store.count)
     return store, stats
 

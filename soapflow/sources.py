@@ -35,6 +35,7 @@ import json
 import os
 import re
 import struct
+import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
@@ -163,26 +164,30 @@ def scan_images(paths: Sequence[str], *, stop_after: int | None = None):
     total = len(paths)
     workers = _n_threads(total)
     pool = ThreadPoolExecutor(max_workers=workers) if workers > 1 and total > 2 else None
-    try:
-        while pos < total and (stop_after is None or len(usable) < stop_after):
-            if stop_after is None:
-                end = min(total, pos + 4096)  # bounded blocks: no million pending futures
-            else:
-                end = min(total, pos + max(2 * (stop_after - len(usable)), 4 * workers))
-            block = paths[pos:end]
-            results = pool.map(check_image, block) if pool is not None else map(check_image, block)
-            for k, reason in enumerate(results):
-                if stop_after is not None and len(usable) >= stop_after:
-                    end = pos + k
-                    break
-                if reason is None:
-                    usable.append(pos + k)
+    # Pillow warns (on stderr) about images between its limit and twice that; check_image
+    # rejects them with a reason of its own, so the warning would only be noise.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            while pos < total and (stop_after is None or len(usable) < stop_after):
+                if stop_after is None:
+                    end = min(total, pos + 4096)  # bounded blocks: no million pending futures
                 else:
-                    skipped.append({"path": block[k], "reason": reason})
-            pos = end
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
+                    end = min(total, pos + max(2 * (stop_after - len(usable)), 4 * workers))
+                block = paths[pos:end]
+                results = pool.map(check_image, block) if pool is not None else map(check_image, block)
+                for k, reason in enumerate(results):
+                    if stop_after is not None and len(usable) >= stop_after:
+                        end = pos + k
+                        break
+                    if reason is None:
+                        usable.append(pos + k)
+                    else:
+                        skipped.append({"path": block[k], "reason": reason})
+                pos = end
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
     return usable, skipped, pos
 
 

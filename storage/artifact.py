@@ -3,15 +3,21 @@
 The manifest carries the sha256 of the safetensors file; the reader recomputes it and refuses
 a mismatch. Nothing here unpickles: tensors come from safetensors, metadata from JSON.
 Writing goes to a hidden sibling directory renamed into place, so a reader (or a crash)
-never sees half an artifact.
+never sees half an artifact. Replacing an existing artifact swaps the two directories in one
+step where the kernel can (``renameat2(RENAME_EXCHANGE)``), so a crash leaves either the old or
+the new artifact in place; a killed writer's hidden temporary directory is removed by the next
+write to the same path.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
 import shutil
+import socket
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,12 +84,12 @@ def write_artifact(
     missing = [name for name in TENSOR_NAMES if name not in tensors]
     if missing:
         raise SoapError(f"artifact {out}: missing tensors {missing}")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise SoapError(f"artifact directory {out} already exists and is not empty; pass --overwrite or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
+    check_artifact_target(out, overwrite)
+    tmp = out.parent / f".{out.name}.tmp-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_dead_temporaries(out)
+        tmp.mkdir()
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(tmp / TENSORS_FILE))
         manifest = {
             "schema": SCHEMA_VERSION,
@@ -95,17 +101,92 @@ def write_artifact(
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_bytes(data)
-        if out.exists():
-            trash = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(out, trash)
-            os.rename(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        _move_into_place(tmp, out, overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else str(exc)
+        raise SoapError(f"artifact {out}: cannot write it: {detail}; nothing was left in its place") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+_HOST = uuid.uuid5(uuid.NAMESPACE_DNS, socket.gethostname()).hex[:6]
+
+
+def check_artifact_target(out: str | os.PathLike, overwrite: bool) -> None:
+    """Refuse early (before any fitting) an output path that cannot take the artifact."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise SoapError(f"artifact {out}: that path is a file; choose a directory for --out")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise SoapError(f"artifact directory {out} already exists and is not empty; pass --overwrite or choose another --out")
+
+
+def _pid_gone(pid: str) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (ValueError, OverflowError, PermissionError):
+        return False
+    return False
+
+
+def _remove_dead_temporaries(out: Path) -> None:
+    """Hidden ``.NAME.tmp-HOST-PID-*`` / ``.NAME.old-HOST-PID-*`` siblings of a killed writer."""
+    try:
+        siblings = list(out.parent.iterdir())
+    except OSError:
+        return
+    for path in siblings:
+        for kind in ("tmp", "old"):
+            prefix = f".{out.name}.{kind}-{_HOST}-"
+            if path.name.startswith(prefix):
+                pid = path.name[len(prefix):].split("-", 1)[0]
+                if _pid_gone(pid):
+                    shutil.rmtree(path, ignore_errors=True)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two directories atomically (Linux ``renameat2(RENAME_EXCHANGE)``); False where the
+    kernel, C library or file system cannot."""
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    for _ in range(100):  # concurrent writers of the same path: each attempt makes progress
+        try:
+            os.rename(tmp, out)  # out absent (or an empty directory): one atomic step
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if not overwrite:
+            raise SoapError(f"artifact directory {out} appeared while this one was written; pass --overwrite or choose another --out")
+        if _exchange(tmp, out):  # tmp now holds the old artifact
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        trash = out.parent / f".{out.name}.old-{_HOST}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        try:
+            os.rename(out, trash)
+        except FileNotFoundError:
+            continue  # another writer moved it away first
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            continue  # another writer put its artifact there first: replace it in turn
+        finally:
+            shutil.rmtree(trash, ignore_errors=True)
+        return
+    raise SoapError(f"artifact {out}: could not move it into place (too many concurrent writers)")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -113,9 +194,12 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not manifest_path.is_file():
         raise SoapError(f"artifact {path}: no {MANIFEST_FILE}")
     try:
-        return json.loads(manifest_path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise SoapError(f"artifact {path}: {MANIFEST_FILE} is not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise SoapError(f"artifact {path}: {MANIFEST_FILE} must hold a JSON object, not {type(manifest).__name__}")
+    return manifest
 
 
 def verify_artifact(path: str | os.PathLike) -> dict:
@@ -139,7 +223,10 @@ def read_artifact(path: str | os.PathLike) -> Artifact:
     """Load an artifact after verifying its content hash. Never unpickles."""
     path = Path(path)
     manifest = verify_artifact(path)
-    tensors = load_file(str(path / TENSORS_FILE))
+    try:
+        tensors = load_file(str(path / TENSORS_FILE))
+    except Exception as exc:  # safetensors' own error type: a header or size that does not parse
+        raise SoapError(f"artifact {path}: {TENSORS_FILE} is not a readable safetensors file ({exc})") from None
     missing = [name for name in TENSOR_NAMES if name not in tensors]
     if missing:
         raise SoapError(f"artifact {path}: {TENSORS_FILE} lacks tensors {missing}")
