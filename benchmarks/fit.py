@@ -41,10 +41,12 @@ def make_store(uri: Path, count: int, grid: int, dim: int, chunk: int, seed: int
     store.finalize()
 
 
-def baseline(real_uri: Path, synth_uri: Path) -> float:
-    """In-memory float64 NumPy: load first (untimed), then time the fit's arithmetic."""
+def baseline(real_uri: Path, synth_uri: Path) -> tuple[float, float]:
+    """In-memory float64 NumPy: (load seconds, arithmetic seconds), timed separately."""
+    t_load = time.perf_counter()
     real = open_store(str(real_uri)).tokens[:].astype(np.float64)
     synth = open_store(str(synth_uri)).tokens[:].astype(np.float64)
+    t_load = time.perf_counter() - t_load
     n, h, w, d = real.shape
     t0 = time.perf_counter()
     z = real.reshape(-1, d)
@@ -64,7 +66,7 @@ def baseline(real_uri: Path, synth_uri: Path) -> float:
     for start in range(0, len(zs), step):
         rows = zs[start:start + step] - mean
         q += np.count_nonzero(((rows @ v) > 0).reshape(-1, h * w, d), axis=0)
-    return time.perf_counter() - t0
+    return t_load, time.perf_counter() - t0
 
 
 def main() -> None:
@@ -92,10 +94,12 @@ def main() -> None:
     t_fit = time.perf_counter() - t
     peak_rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20  # KiB → GiB
 
-    t_base = baseline(root / "real", root / "synth")
-    print(f"soap fit (out of core, float64, dask)  : {t_fit:7.1f} s   peak RSS {peak_rss:.2f} GiB")
+    t_load, t_base = baseline(root / "real", root / "synth")
+    print(f"soap fit (out of core, float64, dask)  : {t_fit:7.1f} s   peak RSS {peak_rss:.2f} GiB (whole process)")
     print(f"in-memory float64 NumPy (XᵀX + proj.)  : {t_base:7.1f} s   (tokens preloaded, {n_real * per_image * 4 / 2**30:.1f} GiB as float64)")
-    print(f"ratio soap fit / in-memory             : {t_fit / t_base:7.2f}×   (goal ≤ 1.3×)")
+    print(f"  + loading the stores into memory     : {t_load:7.1f} s")
+    print(f"ratio soap fit / in-memory arithmetic  : {t_fit / t_base:7.2f}×   (goal ≤ 1.3×)")
+    print(f"ratio soap fit / in-memory incl. load  : {t_fit / (t_base + t_load):7.2f}×")
     print(f"peak RSS / goal                        : {peak_rss / 1.5:7.2f}   (goal ≤ 1.5 GiB)")
 
 

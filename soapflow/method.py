@@ -31,9 +31,9 @@ class Moments:
 
 def moments(z: np.ndarray) -> Moments:
     """Moments of a block of tokens ``(..., D)``; centring on the block mean keeps M2 exact."""
-    z = np.array(z, dtype=np.float64).reshape(-1, z.shape[-1])  # a copy we may centre in place
-    mean = z.mean(axis=0)
-    z -= mean
+    z = np.asarray(z).reshape(-1, z.shape[-1])
+    mean = z.mean(axis=0, dtype=np.float64)
+    z = np.subtract(z, mean, dtype=np.float64)  # cast and centre in one pass
     # BLAS syrk on the transposed view: half the flops of a GEMM and no copy; it fills the
     # upper triangle only. (NumPy's own `z.T @ z` path is several times slower here.)
     upper = dsyrk(1.0, z.T)
@@ -79,9 +79,10 @@ def activation_counts(tokens: np.ndarray, mean: np.ndarray, components: np.ndarr
 
     Counts add up exactly, so response maps do not depend on chunking either.
     """
-    z = np.asarray(tokens, dtype=np.float64)
-    flat = (z.reshape(-1, z.shape[-1]) - mean) @ components.T  # one GEMM, components in rank order
-    return np.count_nonzero(flat.reshape(z.shape) > 0, axis=0).astype(np.int64)
+    tokens = np.asarray(tokens)
+    centred = np.subtract(tokens.reshape(-1, tokens.shape[-1]), mean, dtype=np.float64)
+    flat = centred @ components.T  # one GEMM, components in rank order
+    return np.count_nonzero(flat.reshape(tokens.shape) > 0, axis=0).astype(np.int64)
 
 
 def response_map(counts: np.ndarray, n_images: int) -> np.ndarray:
