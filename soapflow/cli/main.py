@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
+
+# Ephemeral Prefect servers would try to send usage telemetry; there is often no internet
+# where refits run, and the failed attempt prints an ERROR line. Users can still opt in.
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from soapflow.errors import SoapError
 
