@@ -13,7 +13,7 @@ import warnings
 warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
 
-MAX_LOCAL_THREADS = 4  # memory grows with blocks in flight; more threads rarely help a 2-pass GEMM
+MAX_LOCAL_THREADS = int(os.environ.get("SOAPFLOW_FIT_THREADS", "4"))  # memory grows with blocks in flight; more threads rarely help a 2-pass GEMM
 
 
 @contextlib.contextmanager
@@ -39,7 +39,8 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
     from threadpoolctl import threadpool_limits
 
     threads = 1 if processes else max(1, min(os.cpu_count() or 1, MAX_LOCAL_THREADS))
-    with threadpool_limits(limits=1, user_api="blas"), LocalCluster(
+    blas = 1 if threads > 1 else None  # None: leave BLAS its own threads
+    with threadpool_limits(limits=blas, user_api="blas"), LocalCluster(
         n_workers=workers,
         threads_per_worker=threads,
         processes=processes,
