@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from soapflow.embedded import sha256_file
+from storage.artifact import sha256_file
 from soapflow.errors import SoapError
 
 __all__ = [

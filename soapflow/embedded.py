@@ -31,7 +31,6 @@ so its sha256 is a stable provenance id.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -42,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from soapflow.errors import SoapError
+from storage.artifact import sha256_file
 
 #: timm architecture the converted weights load into.
 TIMM_NAME = "vit_small_patch14_dinov2"
@@ -70,12 +70,6 @@ _HF_SUFFIX = {
     "mlp/fc1": "mlp.fc1",
     "mlp/fc2": "mlp.fc2",
 }
-
-
-def sha256_file(path: str | os.PathLike) -> str:
-    """sha256 hex digest of a file, streamed."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def cache_dir() -> Path:

@@ -62,18 +62,9 @@ def store_attributes(backbone, source, dtype: str) -> dict:
     """Provenance written into the store (SPEC §3)."""
     from soapflow import __version__
 
-    info = backbone.info()
     return {
-        **info,
-        "backbone": backbone.name,
+        **backbone.info(),  # backbone, layer, feature, image_size, grid, dim, mean, std, …
         "weights": backbone.weights_sha256,
-        "layer": backbone.layer,
-        "feature": backbone.feature,
-        "image_size": backbone.image_size,
-        "grid": list(backbone.grid),
-        "dim": backbone.dim,
-        "mean": list(backbone.mean),
-        "std": list(backbone.std),
         "source": {"spec": source.spec, "kind": source.kind, **source.fingerprint},
         "fingerprint": source_fingerprint(source),
         "skipped": source.skipped,

@@ -175,6 +175,13 @@ def fit_stores(
     """Fit SOAP on a real and a synthetic feature store (SPEC §1), out of core, on ``client``."""
     real, synth = open_fit_inputs(real_uri, synth_uri, mu=mu, tau=tau, gamma=gamma,
                                   storage_options=storage_options)
+    return _fit_checked(client, real, synth, mu=mu, tau=tau, gamma=gamma, threshold=threshold, suppress=suppress,
+                        progress=progress)
+
+
+def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, gamma, threshold, suppress,
+                 progress) -> tuple[method.SoapFit, FitInputs]:
+    """The fit proper, on stores that ``open_fit_inputs`` has opened and checked."""
     h, w = real.grid
     moments = _run_pass(client, real, _leaf_moments, _merge_moments, desc="fit: moments", progress=progress).value
     from threadpoolctl import threadpool_limits
@@ -258,13 +265,11 @@ def fit_to_artifact(
     from storage.artifact import check_artifact_target, fit_tensors, read_manifest, write_artifact
 
     # fail on bad input before starting a cluster or reading a token
-    open_fit_inputs(real_uri, synth_uri, mu=mu, tau=tau, gamma=gamma, storage_options=storage_options)
+    real, synth = open_fit_inputs(real_uri, synth_uri, mu=mu, tau=tau, gamma=gamma, storage_options=storage_options)
     check_artifact_target(out_dir, overwrite)
     with dask_client(dask_address, workers=workers, processes=workers > 1) as client:
-        fit, inputs = fit_stores(
-            real_uri, synth_uri, client=client, mu=mu, tau=tau, gamma=gamma, threshold=threshold,
-            suppress=suppress, storage_options=storage_options, progress=progress,
-        )
+        fit, inputs = _fit_checked(client, real, synth, mu=mu, tau=tau, gamma=gamma, threshold=threshold,
+                                   suppress=suppress, progress=progress)
     manifest = {**fit_manifest(fit, inputs, mu_arg=mu), **(extra_manifest or {})}
     extra_files = {}
     if plots:

@@ -45,6 +45,7 @@ import torch
 from PIL import Image
 
 from soapflow.errors import SoapError
+from storage.artifact import sha256_file
 from soapflow.transforms import (
     check_image,
     load_rgb,
@@ -525,21 +526,13 @@ def _read_idx(path: str, expected_magic: int) -> np.ndarray:
     return body.reshape(dims)
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 @lru_cache(maxsize=4)
 def _load_fmnist(images_path: str, labels_path: str, _stamp: tuple):
     images = _read_idx(images_path, 0x00000803)
     labels = _read_idx(labels_path, 0x00000801).astype(np.int64)
     if len(images) != len(labels):
         raise SoapError(f"{images_path} has {len(images)} images but {labels_path} has {len(labels)} labels")
-    return images, labels, _sha256_file(images_path), _sha256_file(labels_path)
+    return images, labels, sha256_file(images_path), sha256_file(labels_path)
 
 
 def _open_fashion_mnist(spec: str, n: int | None, split: str | None) -> ArraySource:
