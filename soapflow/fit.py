@@ -64,9 +64,10 @@ def _merge_moments(a: _Partial, b: _Partial) -> _Partial:
     return _Partial(method.merge_moments(a.value, b.value), _min_bad(a.bad, b.bad))
 
 
-def _leaf_counts(tokens, start: int, stop: int, mean: np.ndarray, components: np.ndarray) -> _Partial:
+def _leaf_counts(tokens, start: int, stop: int, mean: np.ndarray, components: np.ndarray,
+                 checked: bool = False) -> _Partial:
     block = _read(tokens, start, stop)
-    bad = _first_bad(block, start)
+    bad = None if checked else _first_bad(block, start)  # checked: the moments pass read it already
     if bad is not None:
         return _Partial(np.zeros((*block.shape[1:3], components.shape[0]), np.int64), bad)
     return _Partial(method.activation_counts(block, mean, components))
@@ -191,7 +192,8 @@ def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, ga
     with threadpool_limits(limits=1):
         eigenvalues, components = method.principal_components(moments)
     real_counts = _run_pass(
-        client, real, _leaf_counts, _merge_counts, (moments.mean, components), desc="fit: real maps", progress=progress
+        client, real, _leaf_counts, _merge_counts, (moments.mean, components, True), desc="fit: real maps",
+        progress=progress,
     ).value
     synth_counts = _run_pass(
         client, synth, _leaf_counts, _merge_counts, (moments.mean, components), desc="fit: synthetic maps", progress=progress

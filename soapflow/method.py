@@ -11,7 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.linalg.blas import dsyrk
 from scipy.special import expit
 
 EPS = 1e-12
@@ -34,10 +33,9 @@ def moments(z: np.ndarray) -> Moments:
     z = np.asarray(z).reshape(-1, z.shape[-1])
     mean = z.mean(axis=0, dtype=np.float64)
     z = np.subtract(z, mean, dtype=np.float64)  # cast and centre in one pass
-    # BLAS syrk on the transposed view: half the flops of a GEMM and no copy; it fills the
-    # upper triangle only. (NumPy's own `z.T @ z` path is several times slower here.)
-    upper = dsyrk(1.0, z.T)
-    return Moments(len(z), mean, upper + np.triu(upper, 1).T)
+    # NumPy sees `z.T @ z` on one buffer and calls BLAS syrk (half a GEMM's flops), with the
+    # GIL released; scipy's `dsyrk` wrapper holds the GIL, which serializes dask's threads.
+    return Moments(len(z), mean, z.T @ z)
 
 
 def merge_moments(a: Moments, b: Moments) -> Moments:
@@ -100,8 +98,8 @@ def _projection_signs_f32(z: np.ndarray, mean: np.ndarray, components: np.ndarra
     projections = a @ components.astype(np.float32).T
     gamma = d * u / (1 - d * u)
     bound = 1.01 * ((gamma + 4 * u) * np.linalg.norm(a, axis=1) + 2 * u * np.linalg.norm(mean))
-    rows, cols = np.nonzero(np.abs(projections) <= bound[:, None])
     signs = projections > 0
+    rows, cols = np.nonzero(np.abs(projections, out=projections) <= bound[:, None])
     for start in range(0, len(rows), 1 << 14):  # uncertain entries: a small fraction, exactly in float64
         r, c = rows[start : start + (1 << 14)], cols[start : start + (1 << 14)]
         signs[r, c] = np.einsum("ij,ij->i", np.subtract(z[r], mean, dtype=np.float64), components[c]) > 0

@@ -5,11 +5,11 @@ import numpy as np
 from storage.feature_store import FeatureStore
 
 
-def write_store(uri, tokens, chunk, dtype="float32", attrs=None):
+def write_store(uri, tokens, chunk, dtype="float32", attrs=None, compress=False):
     tokens = np.asarray(tokens)
     n, h, w, d = tokens.shape
     store = FeatureStore.create(uri, count=n, grid=(h, w), dim=d, chunk=chunk, dtype=dtype,
-                                attrs={"backbone": "test-vit", "layer": 3, **(attrs or {})})
+                                attrs={"backbone": "test-vit", "layer": 3, **(attrs or {})}, compress=compress)
     for i in store.pending_chunks():
         rows = store.chunk_range(i)
         store.write_chunk(i, tokens[rows.start:rows.stop])

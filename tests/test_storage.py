@@ -27,6 +27,16 @@ def test_store_layout_chunks_and_attributes(tmp_path):
     np.testing.assert_array_equal(x.compute(), tokens.astype(np.float16))
 
 
+def test_tokens_uncompressed_by_default_zstd_on_request(tmp_path):
+    tokens = positional_tokens(9)
+    raw = write_store(tmp_path / "raw", tokens, chunk=4, dtype="float16")
+    packed = write_store(tmp_path / "zstd", tokens, chunk=4, dtype="float16", compress=True)
+    assert raw.tokens.compressors == ()
+    assert [type(c).__name__ for c in packed.tokens.compressors] == ["ZstdCodec"]
+    for uri in ("raw", "zstd"):  # readers take either
+        np.testing.assert_array_equal(open_store(str(tmp_path / uri)).tokens[:], tokens.astype(np.float16))
+
+
 def test_interrupted_store_resumes_only_pending_chunks(tmp_path):
     tokens = positional_tokens(20)
     kwargs = dict(count=20, grid=(4, 5), dim=12, chunk=6, attrs={"backbone": "b", "layer": 1})
