@@ -76,6 +76,23 @@ def test_window_is_bit_identical_across_blocks(name, monkeypatch):
     torch.testing.assert_close(full[9:10], alone, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["mixture", "marginal"])
+def test_cpu_images_are_bit_identical_for_any_thread_count(name, monkeypatch):
+    import noise_generators
+
+    monkeypatch.setattr(noise_generators, "_images_per_block", lambda c, s, d: 4)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = generate(name, 13, 32, seed=2)
+        torch.set_num_threads(3)  # blocks spread over a pool of 3 single-threaded workers
+        three = generate(name, 13, 32, seed=2)
+        assert torch.get_num_threads() == 3  # the pool leaves the caller's setting alone
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, three)
+
+
 def test_block_size_is_a_power_of_two():
     import noise_generators
 
