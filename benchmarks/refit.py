@@ -13,6 +13,7 @@ Goal ≤ 1.10× (CPU here). With --device cuda the same script measures a GPU.
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import tempfile
@@ -56,8 +57,9 @@ def refit_wall(args) -> float:
             cmd += ["--weights", args.weights]
         if args.image_size:
             cmd += ["--image-size", str(args.image_size)]
+        env = {**os.environ, "SOAPFLOW_REGISTRY": str(Path(work) / "registry")}  # not the user's registry
         t = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         return time.perf_counter() - t
 
 

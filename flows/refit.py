@@ -10,9 +10,11 @@ cluster via ``DaskTaskRunner``; the artifact is the same either way.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -47,6 +49,51 @@ def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, prog
     futures = [extract_shard.submit(plan["uri"], plan["created"], chunks, spec, source, n, seed, num_workers, progress)
                for chunks in plan["shards"]]
     return plan, futures
+
+
+def backbone_spec(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
+                  device: str | None) -> dict:
+    """The ``cached_backbone`` arguments of a refit (the same dict, so the same cached model)."""
+    return {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
+            "device": device or default_device()}
+
+
+@contextlib.contextmanager
+def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
+                    device: str | None, data: str, n_real: int | None, seed: int):
+    """Around a one-off ``refit`` call with no ``PREFECT_API_URL`` (``soap refit``).
+
+    Prefect then starts a temporary server process on the first API call (~3 s on 2 cores),
+    and only then would the flow load the model (~3 s): here the server starts in a thread
+    while this thread loads the model and scans the real source. Flow-run heartbeats are off:
+    they let a lasting server spot crashed runs, this server dies with the process, and
+    stopping the heartbeat thread costs up to a second. Failures are left for the flow to
+    raise, with its usual messages.
+    """
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    if PREFECT_API_URL.value():  # a real server: nothing to overlap
+        yield
+        return
+    # Imported here, not in the thread: the server process should start before torch loads.
+    from prefect.server.api.server import SubprocessASGIServer
+
+    from soapflow.extract import cached_backbone, cached_source
+
+    def start_server() -> None:
+        with contextlib.suppress(Exception):
+            SubprocessASGIServer().start()  # the instance the flow's client will find running
+
+    server = threading.Thread(target=start_server, name="soapflow-prefect-server", daemon=True)
+    server.start()
+    with contextlib.suppress(Exception):
+        cached_backbone(**backbone_spec(backbone, weights, layer, feature, image_size, device))
+        cached_source(data, n_real, seed)
+        import distributed  # noqa: F401  what the fit and its plots import, while the server starts
+        import matplotlib.pyplot  # noqa: F401
+    server.join()
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
 
 
 @flow(name="refit", log_prints=True)
@@ -91,8 +138,7 @@ def refit(
 
     logger = get_run_logger()
     work = Path(workdir) if workdir else default_workdir()
-    spec = {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
-            "device": device or default_device()}
+    spec = backbone_spec(backbone, weights, layer, feature, image_size, device)
     bb = cached_backbone(**spec)  # fail fast on a bad name/weights/layer, before any task runs
     # Stores are named by the resolved block index (the same store whether given as -1 or 11);
     # tasks get the spec as given, so they hit the model already cached in this process.

@@ -98,29 +98,40 @@ def _tree_reduce(client, futures: list, merge):
     return futures[0]
 
 
-def _run_pass(client, store: FeatureStore, leaf, merge, extra_args=(), desc="", progress=True) -> _Partial:
+def _submit_pass(client, store: FeatureStore, leaf, merge, extra_args=()):
+    """Leaves and merge tree of one pass over ``store``: (root future, leaf futures)."""
     import dask
-    from distributed import as_completed
-    from tqdm.auto import tqdm
 
     # one graph key for the array handle (an explicit name: tokenizing a zarr array reads it)
     tokens = dask.delayed(store.tokens, name=f"tokens-{uuid.uuid4().hex}")
     shared = [dask.delayed(a, pure=True) for a in extra_args]
     leaves = client.compute([dask.delayed(leaf, pure=True)(tokens, a, b, *shared) for a, b in _blocks(store)])
-    root = _tree_reduce(client, list(leaves), merge)
-    pending = as_completed(leaves)
-    del leaves  # only the merge tree should keep leaf results alive
+    return _tree_reduce(client, list(leaves), merge), leaves
+
+
+def _run_passes(client, passes: list[tuple], desc: str, progress: bool) -> list[_Partial]:
+    """Run passes ``(store, leaf, merge, extra_args)`` at once (their blocks share the workers)."""
+    from distributed import as_completed
+    from tqdm.auto import tqdm
+
+    submitted = [_submit_pass(client, store, leaf, merge, extra) for store, leaf, merge, extra in passes]
+    pending = as_completed([f for _, leaves in submitted for f in leaves])
+    roots = [root for root, _ in submitted]
+    del submitted  # only the merge trees should keep leaf results alive
     for _ in tqdm(pending, total=pending.count(), desc=desc, unit="block", disable=not progress, leave=False):
         pass
-    result = root.result()
-    if result.bad is not None:
-        c = result.bad // store.chunk
-        rows = store.chunk_range(c)
-        raise SoapError(
-            f"feature store {store.uri}: NaN/Inf tokens in chunk {c} (images {rows.start}–{rows.stop - 1}), "
-            f"first at image {result.bad}"
-        )
-    return result
+    results = []
+    for (store, *_), root in zip(passes, roots):
+        result = root.result()
+        if result.bad is not None:
+            c = result.bad // store.chunk
+            rows = store.chunk_range(c)
+            raise SoapError(
+                f"feature store {store.uri}: NaN/Inf tokens in chunk {c} (images {rows.start}–{rows.stop - 1}), "
+                f"first at image {result.bad}"
+            )
+        results.append(result)
+    return results
 
 
 def check_parameters(mu, tau, gamma) -> None:
@@ -184,20 +195,19 @@ def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, ga
                  progress) -> tuple[method.SoapFit, FitInputs]:
     """The fit proper, on stores that ``open_fit_inputs`` has opened and checked."""
     h, w = real.grid
-    moments = _run_pass(client, real, _leaf_moments, _merge_moments, desc="fit: moments", progress=progress).value
+    [moments] = _run_passes(client, [(real, _leaf_moments, _merge_moments, ())], "fit: moments", progress)
+    moments = moments.value
     from threadpoolctl import threadpool_limits
 
     # LAPACK's eigenvectors change in the last bit with its thread count (dask workers
     # default to one BLAS thread): one thread everywhere keeps artifacts bit-identical.
     with threadpool_limits(limits=1):
         eigenvalues, components = method.principal_components(moments)
-    real_counts = _run_pass(
-        client, real, _leaf_counts, _merge_counts, (moments.mean, components, True), desc="fit: real maps",
-        progress=progress,
-    ).value
-    synth_counts = _run_pass(
-        client, synth, _leaf_counts, _merge_counts, (moments.mean, components), desc="fit: synthetic maps", progress=progress
-    ).value
+    # pass 1 checked the real store's tokens are finite; the synthetic store is read only here
+    real_counts, synth_counts = (r.value for r in _run_passes(client, [
+        (real, _leaf_counts, _merge_counts, (moments.mean, components, True)),
+        (synth, _leaf_counts, _merge_counts, (moments.mean, components)),
+    ], "fit: response maps", progress))
     try:
         fit = method.soap_from_statistics(
             moments, components, eigenvalues, real_counts, real.count, synth_counts, synth.count,

@@ -1,6 +1,8 @@
 """Extraction into feature stores and the refit flow, with a small random ViT."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 
@@ -107,9 +109,15 @@ def test_refit_flow_thread_pool_and_dask_runner_agree(tmp_path):
 def test_cli_refit_prints_summary(tmp_path):
     result = subprocess.run([sys.executable, "-m", "soapflow.cli", "refit", "--backbone", "vit_tiny_patch16_224",
                              "--weights", "random", "--image-size", "32", "--n-real", "8", "--chunk", "4",
-                             "--workdir", str(tmp_path), "--mu", "auto"], capture_output=True, text=True)
+                             "--workdir", str(tmp_path), "--mu", "auto"], capture_output=True, text=True,
+                            env={**os.environ, "PREFECT_LOGGING_LEVEL": "INFO"})  # to see the server start and stop
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Top SI scores" in out and "components suppressed" in out and "artifact:" in out
     path = out.split("artifact:")[1].split()[0]
     assert read_artifact(path).manifest["mu_mode"] == "auto"
+    # the process skips interpreter teardown at exit, but only after Prefect stopped its server
+    port = re.search(r"Starting temporary server on http://127\.0\.0\.1:(\d+)", result.stderr).group(1)
+    assert f"Stopping temporary server on http://127.0.0.1:{port}" in result.stderr
+    alive = subprocess.run(["pgrep", "-f", f"create_app.*--port {port}"], capture_output=True, text=True)
+    assert alive.returncode == 1 and not alive.stdout, f"temporary server on port {port} outlived the CLI"

@@ -1,3 +1,3 @@
-from soapflow.cli.main import main
+from soapflow.cli.main import run
 
-main()
+run()

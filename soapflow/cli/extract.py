@@ -74,21 +74,24 @@ def refit(
     from rich.table import Table
 
     from flows.refit import refit as refit_flow
+    from flows.refit import quick_local_run
     from soapflow.errors import SoapError
 
     if tau <= 0:
         raise SoapError(f"--tau must be > 0, got {tau}")
+    mu_value = parse_mu(mu)
     flow = refit_flow
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
-                  n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=parse_mu(mu), tau=tau,
-                  gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards, num_workers=workers,
-                  workdir=workdir, out=out, registry=registry, name=name, publish=publish,
-                  evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
-                  dask_address=dask_address)
+    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed):
+        result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
+                      n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
+                      gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
+                      num_workers=workers, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
+                      evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
+                      dask_address=dask_address)
     console = Console(soft_wrap=True)
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
