@@ -161,7 +161,8 @@ def _loader(source, ranges, backbone, num_workers, device):
         # cluster's own worker processes give the parallelism there.
         num_workers = 0
     return chunk_loader(source, ranges, backbone.image_size, backbone.mean, backbone.std,
-                        num_workers=num_workers, device=device, interpolation=backbone.interpolation or "bicubic")
+                        num_workers=num_workers, device=device, interpolation=backbone.interpolation or "bicubic",
+                        device_lock=_DEVICE_LOCKS[str(device)])
 
 
 def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:

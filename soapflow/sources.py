@@ -26,6 +26,7 @@ taken and the scan stops there.  Decoding rules live in ``soapflow.transforms``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib
@@ -779,12 +780,15 @@ def chunk_loader(
     *,
     device="cpu",
     interpolation: str = "bicubic",
+    device_lock=contextlib.nullcontext(),
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(chunk_index, images)`` for each range in ``chunks``, in order.
 
     File sources decode in ``num_workers`` DataLoader worker processes, one loader
     batch per chunk (tensors come back on CPU).  Noise sources generate each chunk
-    directly on ``device``.  Empty ranges yield an empty ``(0, 3, S, S)`` tensor.
+    directly on ``device``, holding ``device_lock``: that is device work, and on a CPU
+    it would otherwise fight a concurrent forward pass for the cores (OpenMP teams stall
+    when oversubscribed).  Empty ranges yield an empty ``(0, 3, S, S)`` tensor.
     """
     chunks = [range(c.start, c.stop, c.step) if isinstance(c, range) else c for c in chunks]
     n = len(source)
@@ -794,7 +798,9 @@ def chunk_loader(
     empty = lambda: torch.empty((0, 3, image_size, image_size), dtype=torch.float32)  # noqa: E731
     if source.kind == "noise":
         for ci, c in enumerate(chunks):
-            yield ci, (source.batch(c, image_size, mean, std, device=device) if len(c) else empty().to(device))
+            with device_lock:
+                x = source.batch(c, image_size, mean, std, device=device) if len(c) else empty().to(device)
+            yield ci, x
         return
     dataset = source.dataset(image_size, mean, std, interpolation)
     num_workers = max(0, int(num_workers))
