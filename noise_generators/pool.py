@@ -10,6 +10,7 @@ itself once, and the caller's default is restored after all have done so.
 
 from __future__ import annotations
 
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +18,8 @@ import torch
 
 _lock = threading.Lock()
 _pools: dict[int, ThreadPoolExecutor] = {}
+# A forked child has none of the parent's threads: its pools would accept work and never run it.
+os.register_at_fork(after_in_child=_pools.clear)
 
 
 def single_threaded_pool(workers: int) -> ThreadPoolExecutor:

@@ -367,3 +367,22 @@ def test_cuda_matches_cpu(name):
     assert gpu.device.type == "cuda" and gpu.dtype == torch.float32
     torch.testing.assert_close(gpu.cpu(), cpu, rtol=1e-4, atol=1e-4)
     assert torch.equal(gpu[2:5], generate(name, 3, 48, seed=4, start=2, device="cuda"))
+
+
+def test_cpu_pool_works_in_a_forked_child():
+    import multiprocessing
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        parent = generate("mixture", 9, 16, seed=5)  # starts the pool in this process
+        with multiprocessing.get_context("fork").Pool(1) as pool:
+            child = pool.apply_async(_generate_two_threads, (9, 16, 5)).get(timeout=120)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(parent, child)
+
+
+def _generate_two_threads(count, size, seed):
+    torch.set_num_threads(2)
+    return generate("mixture", count, size, seed=seed)
