@@ -193,19 +193,20 @@ def _pyplot():
     return plt
 
 
-def save_mask_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict[str, np.ndarray],
-                   title: str | None = None) -> str:
-    """Rows = images; columns = image, ground truth, then each named mask set (raw, SOAP, …)."""
+def _save_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict[str, np.ndarray],
+               title: str | None, show_map) -> str:
+    """Rows = images; columns = image, ground truth, then each named set of maps, each map
+    drawn by ``show_map(ax, map)``."""
     plt = _pyplot()
     k = len(images)
     ncol = 2 + len(columns)
     fig, axes = plt.subplots(k, ncol, figsize=(1.9 * ncol, 1.9 * k + (0.4 if title else 0)), squeeze=False)
     for i in range(k):
-        panels = [("image", images[i], None), ("ground truth", gts[i], "gray")]
-        panels += [(name, cols[i], "gray") for name, cols in columns.items()]
-        for j, (name, arr, cmap) in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(arr, cmap=cmap, vmin=0 if cmap else None, vmax=1 if cmap else None, interpolation="nearest")
+        panels = [("ground truth", gts[i])] + [(name, cols[i]) for name, cols in columns.items()]
+        axes[i, 0].imshow(images[i], interpolation="nearest")
+        for ax, (_, arr) in zip(axes[i, 1:], panels):
+            show_map(ax, arr)
+        for ax, name in zip(axes[i], ["image"] + [name for name, _ in panels]):
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -217,34 +218,19 @@ def save_mask_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
+
+
+def save_mask_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict[str, np.ndarray],
+                   title: str | None = None) -> str:
+    """Rows = images; columns = image, ground truth, then each named mask set (raw, SOAP, …)."""
+    return _save_grid(path, images, gts, columns, title,
+                      lambda ax, m: ax.imshow(m, cmap="gray", vmin=0, vmax=1, interpolation="nearest"))
 
 
 def save_label_grid(path: str, images: np.ndarray, gts: np.ndarray, columns: dict[str, np.ndarray], n_classes: int,
                     title: str | None = None) -> str:
-    """Like :func:`save_mask_grid` for label maps (one colour per class, 255 = ignore shown black)."""
-    plt = _pyplot()
-    cmap = plt.get_cmap("tab20", max(n_classes, 2))
-    k = len(images)
-    ncol = 2 + len(columns)
-    fig, axes = plt.subplots(k, ncol, figsize=(1.9 * ncol, 1.9 * k + (0.4 if title else 0)), squeeze=False)
-    for i in range(k):
-        panels = [("image", images[i], False), ("ground truth", gts[i], True)]
-        panels += [(name, cols[i], True) for name, cols in columns.items()]
-        for j, (name, arr, is_label) in enumerate(panels):
-            ax = axes[i, j]
-            if is_label:
-                a = np.ma.masked_equal(np.asarray(arr), 255)
-                ax.imshow(a, cmap=cmap, vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest")
-            else:
-                ax.imshow(arr)
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=9)
-    if title:
-        fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    """Like :func:`save_mask_grid` for label maps (one colour per class; 255 = ignore, left blank)."""
+    cmap = _pyplot().get_cmap("tab20", max(n_classes, 2))
+    return _save_grid(path, images, gts, columns, title,
+                      lambda ax, m: ax.imshow(np.ma.masked_equal(np.asarray(m), 255), cmap=cmap,
+                                              vmin=-0.5, vmax=n_classes - 0.5, interpolation="nearest"))
