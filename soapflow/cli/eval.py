@@ -33,6 +33,16 @@ Seed = Annotated[int, typer.Option(help="Seed of the bootstrap (and of bank subs
 CacheDir = Annotated[Optional[str], typer.Option(help="Cache extracted tokens here (reused across evaluations).")]
 Record = Annotated[bool, typer.Option("--record/--no-record", help="Also write the results into the registry version's record.")]
 Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+Bank = Annotated[Optional[str], typer.Option(help="Labelled bank dataset (default for fashion-mnist: the other split).")]
+BankN = Annotated[Optional[int], typer.Option(help="Bank images (first N).")]
+Neighbours = Annotated[int, typer.Option(help="Neighbours.")]
+
+
+def _check_knn(k: int, bank_n: int | None) -> None:
+    if k < 1:
+        raise SoapError(f"--k must be ≥ 1, got {k}")
+    if bank_n is not None and bank_n < 1:
+        raise SoapError(f"--bank-n must be ≥ 1, got {bank_n}")
 
 
 def _context(head, registry, weights, image_size, device):
@@ -108,10 +118,10 @@ def salient(
 def knn_seg(
     head: Head,
     dataset: Dataset = "fashion-mnist",
-    bank: Annotated[Optional[str], typer.Option(help="Labelled bank dataset (default for fashion-mnist: the other split).")] = None,
+    bank: Bank = None,
     n: N = None,
-    bank_n: Annotated[Optional[int], typer.Option(help="Bank images (first N).")] = 1000,
-    k: Annotated[int, typer.Option(help="Neighbours.")] = 10,
+    bank_n: BankN = 1000,
+    k: Neighbours = 10,
     bank_patches: Annotated[Optional[int], typer.Option(help="Subsample the bank to this many patches (seeded); 0 = all.")] = 16384,
     image_size: ImageSize = None,
     json_path: Json = None,
@@ -131,10 +141,7 @@ def knn_seg(
     from soapflow.evaluation.run import run_knn_seg
 
     _check_common(n, n_boot)
-    if k < 1:
-        raise SoapError(f"--k must be ≥ 1, got {k}")
-    if bank_n is not None and bank_n < 1:
-        raise SoapError(f"--bank-n must be ≥ 1, got {bank_n}")
+    _check_knn(k, bank_n)
     ctx = _context(head, registry, weights, image_size, device)
     report = run_knn_seg(ctx, dataset, bank, n=n, bank_n=bank_n, k=k, bank_patches=bank_patches or None,
                          n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache_dir, grid_png=grid,
@@ -146,10 +153,10 @@ def knn_seg(
 def knn_cls(
     head: Head,
     dataset: Dataset = "fashion-mnist",
-    bank: Annotated[Optional[str], typer.Option(help="Labelled bank dataset (default for fashion-mnist: the other split).")] = None,
+    bank: Bank = None,
     n: N = None,
-    bank_n: Annotated[Optional[int], typer.Option(help="Bank images (first N).")] = 1000,
-    k: Annotated[int, typer.Option(help="Neighbours.")] = 20,
+    bank_n: BankN = 1000,
+    k: Neighbours = 20,
     pool: Annotated[str, typer.Option(help="Comma-separated: mean (mean-pooled patch tokens), cls (class token).")] = "mean,cls",
     image_size: ImageSize = None,
     json_path: Json = None,
@@ -167,8 +174,7 @@ def knn_cls(
     from soapflow.evaluation.run import run_knn_cls
 
     _check_common(n, n_boot)
-    if k < 1:
-        raise SoapError(f"--k must be ≥ 1, got {k}")
+    _check_knn(k, bank_n)
     pools = tuple(p.strip() for p in pool.split(",") if p.strip())
     ctx = _context(head, registry, weights, image_size, device)
     report = run_knn_cls(ctx, dataset, bank, n=n, bank_n=bank_n, k=k, pools=pools, n_boot=n_boot, seed=seed,
