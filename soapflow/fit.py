@@ -195,8 +195,7 @@ def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, ga
                  progress) -> tuple[method.SoapFit, FitInputs]:
     """The fit proper, on stores that ``open_fit_inputs`` has opened and checked."""
     h, w = real.grid
-    [moments] = _run_passes(client, [(real, _leaf_moments, _merge_moments, ())], "fit: moments", progress)
-    moments = moments.value
+    moments = _run_passes(client, [(real, _leaf_moments, _merge_moments, ())], "fit: moments", progress)[0].value
     from threadpoolctl import threadpool_limits
 
     # LAPACK's eigenvectors change in the last bit with its thread count (dask workers
