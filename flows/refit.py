@@ -14,7 +14,6 @@ import contextlib
 import hashlib
 import json
 import os
-import threading
 from pathlib import Path
 
 from prefect import flow, get_run_logger
@@ -63,36 +62,31 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
                     device: str | None, data: str, n_real: int | None, seed: int):
     """Around a one-off ``refit`` call with no ``PREFECT_API_URL`` (``soap refit``).
 
-    Prefect then starts a temporary server process on the first API call (~3 s on 2 cores),
-    and only then would the flow load the model (~3 s): here the server starts in a thread
-    while this thread loads the model and scans the real source. Flow-run heartbeats are off:
-    they let a lasting server spot crashed runs, this server dies with the process, and
-    stopping the heartbeat thread costs up to a second. Failures are left for the flow to
-    raise, with its usual messages.
+    Prefect would start its temporary server on the flow's first API call (~3 s on 2 cores),
+    and only then would the flow load the model (~3 s): here the server process starts
+    first and boots while this thread loads the model, scans the real source and imports
+    what the fit needs. Flow-run heartbeats are off: they let a lasting server spot crashed
+    runs, this server dies with the process, and stopping the heartbeat thread costs up to a
+    second. Failures to load are left for the flow to raise, with its usual messages.
     """
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
     if PREFECT_API_URL.value():  # a real server: nothing to overlap
         yield
         return
-    # Imported here, not in the thread: the server process should start before torch loads.
-    from prefect.server.api.server import SubprocessASGIServer
-
+    from flows.temporary_server import temporary_server
     from soapflow.extract import cached_backbone, cached_source
 
-    def start_server() -> None:
-        with contextlib.suppress(Exception):
-            SubprocessASGIServer().start()  # the instance the flow's client will find running
-
-    server = threading.Thread(target=start_server, name="soapflow-prefect-server", daemon=True)
+    server = temporary_server()
     server.start()
     with contextlib.suppress(Exception):
         cached_backbone(**backbone_spec(backbone, weights, layer, feature, image_size, device))
         cached_source(data, n_real, seed)
         import distributed  # noqa: F401  what the fit and its plots import, while the server starts
         import matplotlib.pyplot  # noqa: F401
-    server.join()
-    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+    # no UI URL: this server serves no UI, so Prefect should not print "View at" links to it
+    with temporary_settings(updates={PREFECT_API_URL: server.wait_ready(), PREFECT_UI_URL: "",
+                                     PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
 
