@@ -110,7 +110,7 @@ def refit(
     dtype: str = "float16",
     device: str | None = None,
     shards: int = 1,
-    num_workers: int = 1,
+    num_workers: int | None = None,
     workdir: str | None = None,
     out: str | None = None,
     registry: str | None = None,

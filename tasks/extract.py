@@ -38,7 +38,7 @@ def prepare_store(uri: str, spec: dict, source: str, n: int | None, seed: int, c
 @task(name="extract-chunks", tags=["gpu"], retries=2, retry_delay_seconds=2,
       cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
 def extract_shard(uri: str, created: str, chunks: list[int], spec: dict, source: str, n: int | None,
-                  seed: int, num_workers: int, progress: bool = True) -> dict:
+                  seed: int, num_workers: int | None, progress: bool = True) -> dict:
     from storage.feature_store import FeatureStore
 
     backbone = ex.cached_backbone(**spec)

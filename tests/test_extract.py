@@ -36,6 +36,24 @@ def test_store_holds_backbone_tokens_with_provenance(tmp_path, bb):
     assert len(attrs["fingerprint"]) == 64 and "completed" in attrs and attrs["soapflow_version"]
 
 
+def test_decode_processes_give_the_same_store(tmp_path, monkeypatch):
+    import soapflow.sources as sources
+
+    seen = []
+    real_loader = sources.chunk_loader
+
+    def spy(*args, num_workers=0, **kwargs):
+        seen.append(num_workers)
+        return real_loader(*args, num_workers=num_workers, **kwargs)
+
+    monkeypatch.setattr(sources, "chunk_loader", spy)
+    here, _ = extract(**TINY, source_spec="photos", out=str(tmp_path / "here"), n=9, chunk=4, progress=False)
+    procs, _ = extract(**TINY, source_spec="photos", out=str(tmp_path / "procs"), n=9, chunk=4, progress=False,
+                       num_workers=2)
+    assert seen == [0, 2]  # on a CPU the default decodes in this process
+    np.testing.assert_array_equal(here.tokens[:], procs.tokens[:])
+
+
 def test_interrupted_extraction_resumes_identically(tmp_path, bb):
     full, _ = extract(**TINY, source_spec="noise:mixture", out=str(tmp_path / "full"), n=22, chunk=5, progress=False)
     src = cached_source("noise:mixture", 22, 0)

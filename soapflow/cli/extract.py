@@ -23,7 +23,7 @@ def extract(
     seed: Annotated[int, typer.Option(help="Seed of synthetic images.")] = 0,
     dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader decode processes.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes (default: 0 on CPU, 1 on GPU).")] = None,
 ) -> None:
     """Extract patch tokens of one image source into a feature store."""
     from rich.console import Console
@@ -59,7 +59,7 @@ def refit(
     threshold: Annotated[float, typer.Option()] = 0.75,
     chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
     device: Annotated[Optional[str], typer.Option()] = None,
-    workers: Annotated[int, typer.Option(help="DataLoader decode processes per extraction.")] = 1,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes per extraction (default: 0 on CPU, 1 on GPU).")] = None,
     shards: Annotated[int, typer.Option(help="Parallel extraction tasks per store.")] = 1,
     workdir: Annotated[Optional[str], typer.Option(help="Where stores and artifacts go (default ~/.cache/soapflow/work).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Artifact directory.")] = None,
