@@ -57,10 +57,11 @@ def pure_forward(args) -> tuple[float, int]:
 def refit_wall(args, api_url: str | None = None) -> float:
     with tempfile.TemporaryDirectory(prefix="soapflow-bench-refit-") as work:
         cmd = [sys.executable, "-m", "soapflow.cli", "refit", "--backbone", args.backbone, "--data", args.data,
-               "--n-real", str(args.n), "--chunk", str(args.chunk), "--workdir", work, "--device", args.device,
-               "--workers", str(args.workers)]
+               "--n-real", str(args.n), "--chunk", str(args.chunk), "--workdir", work, "--device", args.device]
         if args.weights:
             cmd += ["--weights", args.weights]
+        if args.workers is not None:
+            cmd += ["--workers", str(args.workers)]
         if args.image_size:
             cmd += ["--image-size", str(args.image_size)]
         env = {**os.environ, "SOAPFLOW_REGISTRY": str(Path(work) / "registry")}  # not the user's registry
@@ -112,7 +113,7 @@ def main() -> None:
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--chunk", type=int, default=64)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--workers", type=int, default=None, help="decode processes (default: the CLI's)")
     ap.add_argument("--no-server-run", action="store_true", help="skip the run against a running Prefect server")
     args = ap.parse_args()
 
