@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # prefect_server: a throwaway server
 
 
 def pure_forward(args) -> tuple[float, int]:
@@ -74,33 +73,17 @@ def refit_wall(args, api_url: str | None = None) -> float:
 
 @contextlib.contextmanager
 def prefect_server():
-    """A `prefect server start` on 127.0.0.1 with its own SQLite database, as a deployment has."""
-    import httpx
+    """A `prefect server start` on 127.0.0.1 with its own SQLite database, as a deployment has
+    (the tests' throwaway server: stopped with SIGINT, then waited for)."""
+    from prefect_server import PrefectServer
 
     with tempfile.TemporaryDirectory(prefix="soapflow-bench-prefect-") as home:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-        env = {**os.environ, "PREFECT_HOME": home, "PREFECT_UI_ENABLED": "false",
-               "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-        server = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                                   "--port", str(port)], env=env, stdout=subprocess.DEVNULL,
-                                  stderr=subprocess.DEVNULL, start_new_session=True)
-        url = f"http://127.0.0.1:{port}/api"
+        server = PrefectServer(Path(home), Path(home))
+        server.start()
         try:
-            for _ in range(600):
-                try:
-                    if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                time.sleep(0.1)
-            else:
-                raise RuntimeError("prefect server did not start within 60 s")
-            yield url
+            yield server.api_url
         finally:
-            os.killpg(server.pid, signal.SIGINT)
-            server.wait(30)
+            server.stop()
 
 
 def main() -> None:

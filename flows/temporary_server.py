@@ -38,8 +38,12 @@ class TemporaryServer:
         self.process: subprocess.Popen | None = None
 
     @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
     def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/api"
+        return f"{self.address}/api"
 
     def start(self) -> None:
         """Launch the server process and return at once (``wait_ready`` waits for it)."""
@@ -50,7 +54,7 @@ class TemporaryServer:
         from prefect.settings import get_current_settings
 
         self.port = _free_port()
-        get_logger().info(f"Starting temporary server on http://127.0.0.1:{self.port}")
+        get_logger().info(f"Starting temporary server on {self.address}")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
@@ -65,7 +69,8 @@ class TemporaryServer:
         import httpx
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
-        deadline = time.monotonic() + PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
+        deadline = time.monotonic() + timeout
         with httpx.Client() as client:
             while time.monotonic() < deadline:
                 code = self.process.poll()
@@ -83,8 +88,7 @@ class TemporaryServer:
                     pass
                 time.sleep(0.05)
         self.stop()
-        raise SoapError(f"the temporary Prefect server did not answer within "
-                        f"{PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()} s; "
+        raise SoapError(f"the temporary Prefect server did not answer within {timeout} s; "
                         "set PREFECT_API_URL to use a running server")
 
     def stop(self) -> None:
@@ -95,7 +99,7 @@ class TemporaryServer:
         if process.poll() is None:
             from prefect.logging import get_logger
 
-            get_logger().info(f"Stopping temporary server on http://127.0.0.1:{self.port}")
+            get_logger().info(f"Stopping temporary server on {self.address}")
             process.terminate()
             try:
                 process.wait(timeout=5)

@@ -58,8 +58,8 @@ def main() -> None:
 
 
 def _exit_without_teardown(status: list[int]) -> None:
-    # Registered first, so it runs after every other atexit hook (Prefect stopping its
-    # temporary server, log handlers flushing). What it skips is the interpreter tearing down
+    # Registered first, so it runs after every other atexit hook (Prefect's log and event
+    # workers draining, the temporary server stopping). What it skips is the interpreter tearing down
     # torch, Prefect and thousands of modules: ~2 s on 2 cores that change nothing on disk.
     sys.stdout.flush()
     sys.stderr.flush()
