@@ -197,6 +197,23 @@ def test_layers(tiny, tiny_images):
     assert neg.layer == depth - 3
 
 
+def test_cpu_batches_forwarded_in_micro_batches(tiny):
+    # the widest activation of a micro-batch (MLP hidden state, 197 tokens x 768) stays under 16 MB
+    micro = tiny._cpu_micro_batch()
+    per_image = 197 * 768 * 4
+    assert micro * per_image <= 16 << 20 < (micro + 1) * per_image
+    x = torch.randn(micro + 3, 3, 224, 224, generator=torch.Generator().manual_seed(5))
+    L = 4
+    out = load_backbone("vit_tiny_patch16_224", weights="random", layer=L)
+    keys = load_backbone("vit_tiny_patch16_224", weights="random", layer=L, feature="k")
+    with torch.inference_mode():
+        seq = manual_sequence(out.model, x, L)  # one forward of the whole batch
+        blk = keys.model.blocks[L]
+        k = blk.attn.qkv(blk.norm1(manual_sequence(keys.model, x, L - 1)))[:, 1:, 192:384]
+    torch.testing.assert_close(out.tokens(x).reshape(len(x), -1, 192), seq[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(keys.tokens(x).reshape(len(x), -1, 192), k, rtol=1e-5, atol=1e-5)
+
+
 def test_tokens_multi_matches_single(tiny, tiny_images):
     multi = tiny.tokens_multi(tiny_images, [0, 5, -1, 11])
     assert sorted(multi) == [0, 5, 11]
