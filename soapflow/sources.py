@@ -30,6 +30,7 @@ import contextlib
 import gzip
 import hashlib
 import importlib
+import io
 import importlib.metadata
 import importlib.util
 import json
@@ -48,11 +49,14 @@ from PIL import Image
 from soapflow.errors import SoapError
 from storage.artifact import sha256_file
 from soapflow.transforms import (
+    TENSOR_INTERPOLATIONS,
     check_image,
     load_rgb,
     open_image,
+    pixel_limit,
     transform_image,
     transform_mask,
+    transform_pixels,
 )
 
 __all__ = [
@@ -278,6 +282,71 @@ class FileImageDataset(torch.utils.data.Dataset):
                 f"({type(e).__name__}: {e}); was it changed while the run was going?"
             ) from e
         return transform_image(pil, self.image_size, self.mean, self.std, self.interpolation)
+
+
+class EncodedImageDataset(torch.utils.data.Dataset):
+    """``FileImageDataset`` for decoding on the device: a plain JPEG (RGB or grey, upright, within
+    the pixel limit) comes back as its file's bytes, a 1-D uint8 tensor, for ``decode_on_device``;
+    any other file is decoded and transformed here, by ``files``' rules.  Picklable."""
+
+    def __init__(self, files: FileImageDataset):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        path = self.files.paths[i]
+        with contextlib.suppress(OSError):
+            with open(path, "rb") as f:
+                data = f.read()
+            if _plain_jpeg(data):
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return self.files[i]  # the rules of load_rgb, and its error naming the file
+
+
+def _plain_jpeg(data: bytes) -> bool:
+    """Whether a GPU JPEG decoder gives what ``load_rgb`` would: no CMYK, no EXIF rotation."""
+    if data[:3] != b"\xff\xd8\xff":
+        return False
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            return (im.format == "JPEG" and im.mode in ("RGB", "L")
+                    and im.width * im.height <= pixel_limit() and im.getexif().get(0x0112, 1) == 1)
+    except Exception:  # noqa: BLE001 — anything odd goes the Pillow way, which names the error
+        return False
+
+
+def decode_on_device(items: list[torch.Tensor], paths: list[str], size: int, mean, std,
+                     interpolation: str, device) -> torch.Tensor:
+    """A chunk from ``EncodedImageDataset``: JPEG bytes decoded in one batch on ``device``
+    (nvJPEG on CUDA) and transformed there; the images decoded in the workers join them."""
+    out = [x.to(device) if x.ndim == 3 else None for x in items]
+    at = [k for k, x in enumerate(out) if x is None]
+    if at:
+        try:
+            pixels = _decode_jpegs([items[k] for k in at], device)
+        except RuntimeError:
+            pixels = []
+            for k in at:  # find the file to name
+                try:
+                    pixels += _decode_jpegs([items[k]], device)
+                except RuntimeError as e:
+                    raise SoapError(f"could not decode {paths[k]} on {device} although it passed the pre-scan "
+                                    f"({e}); was it changed while the run was going?") from None
+        for k, img in zip(at, pixels):
+            out[k] = transform_pixels(img, size, mean, std, interpolation)
+    return torch.stack(out)
+
+
+def _decode_jpegs(data: list[torch.Tensor], device) -> list[torch.Tensor]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    with warnings.catch_warnings():
+        # torchvision 0.29 points to TorchCodec for decoding; its decode_jpeg is still the CUDA
+        # batch decoder (nvJPEG) this path needs, and TorchCodec is not a dependency
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
 class FileSource(Source):
@@ -781,6 +850,7 @@ def chunk_loader(
     device="cpu",
     interpolation: str = "bicubic",
     device_lock=contextlib.nullcontext(),
+    device_decode: bool | None = None,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(chunk_index, images)`` for each range in ``chunks``, in order.
 
@@ -788,7 +858,10 @@ def chunk_loader(
     batch per chunk (tensors come back on CPU).  Noise sources generate each chunk
     directly on ``device``, holding ``device_lock``: that is device work, and on a CPU
     it would otherwise fight a concurrent forward pass for the cores (OpenMP teams stall
-    when oversubscribed).  Empty ranges yield an empty ``(0, 3, S, S)`` tensor.
+    when oversubscribed).  With ``device_decode`` (default: on CUDA), the workers only read
+    files and JPEGs are decoded and resized on ``device``, under ``device_lock``: a GPU then
+    keeps the CPU from being the bottleneck (other files are still decoded in the workers).
+    Empty ranges yield an empty ``(0, 3, S, S)`` tensor.
     """
     chunks = [range(c.start, c.stop, c.step) if isinstance(c, range) else c for c in chunks]
     n = len(source)
@@ -803,6 +876,15 @@ def chunk_loader(
             yield ci, x
         return
     dataset = source.dataset(image_size, mean, std, interpolation)
+    if device_decode is None:  # on CUDA, for image files
+        device_decode = (torch.device(device).type == "cuda" and interpolation in TENSOR_INTERPOLATIONS
+                         and isinstance(dataset, FileImageDataset))
+    if device_decode:
+        if not isinstance(dataset, FileImageDataset):
+            raise SoapError(f"source {source.spec} has no image files to decode on the device")
+        if interpolation not in TENSOR_INTERPOLATIONS:
+            raise SoapError(f"decoding on the device resizes with {TENSOR_INTERPOLATIONS}, not {interpolation!r}")
+        dataset = EncodedImageDataset(dataset)
     num_workers = max(0, int(num_workers))
     batches = [list(c) for c in chunks if len(c)]
     loader = torch.utils.data.DataLoader(
@@ -811,6 +893,7 @@ def chunk_loader(
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
+        collate_fn=list if device_decode else None,  # bytes of different lengths
     )
     it = iter(loader)
     try:
@@ -822,6 +905,10 @@ def chunk_loader(
                 x = next(it)
             except SoapError as e:
                 raise _clean_worker_error(e) from e
+            if device_decode:
+                with device_lock:
+                    x = decode_on_device(x, [source.paths[i] for i in c], image_size, mean, std,
+                                         interpolation, device)
             yield ci, x
     finally:
         # Stop the worker processes now: an exception's traceback (or a consumer that

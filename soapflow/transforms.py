@@ -49,6 +49,7 @@ __all__ = [
     "check_image",
     "resize_center_crop",
     "transform_image",
+    "transform_pixels",
     "transform_mask",
 ]
 
@@ -277,17 +278,45 @@ def resize_center_crop(pil: Image.Image, size: int, resample: int) -> Image.Imag
     """
     size = _check_size(size)
     w, h = pil.size
+    nw, nh, top, left = _resize_geometry(w, h, size)
+    if (nw, nh) != (w, h):
+        pil = pil.resize((nw, nh), resample)
+    if (nw, nh) != (size, size):
+        pil = pil.crop((left, top, left + size, top + size))
+    return pil
+
+
+def _resize_geometry(w: int, h: int, size: int) -> tuple[int, int, int, int]:
+    """Resized width and height (shorter side -> ``size``) and the crop's top and left."""
     if w <= h:
         nw, nh = size, int(size * h / w)
     else:
         nw, nh = int(size * w / h), size
+    return nw, nh, int(round((nh - size) / 2.0)), int(round((nw - size) / 2.0))
+
+
+#: Interpolations ``transform_pixels`` does on any device (torch antialiases only these two).
+TENSOR_INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def transform_pixels(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
+                     interpolation: str = "bicubic") -> torch.Tensor:
+    """``transform_image`` for a decoded uint8 RGB tensor ``(3, H, W)`` on any device (images
+    decoded on a GPU stay there). Same geometry; torch's antialiased resize follows Pillow's
+    filters, and the result is rounded to 8 bits as Pillow's is, so pixels agree with
+    ``transform_image`` to about one grey level."""
+    if interpolation not in TENSOR_INTERPOLATIONS:
+        raise SoapError(f"interpolation {interpolation!r} is not available on tensors; use one of {TENSOR_INTERPOLATIONS}")
+    size = _check_size(size)
+    m, s = (t.to(img.device) for t in _mean_std(mean, std))
+    h, w = img.shape[-2:]
+    nw, nh, top, left = _resize_geometry(w, h, size)
+    x = img[None].to(torch.float32)
     if (nw, nh) != (w, h):
-        pil = pil.resize((nw, nh), resample)
-    top = int(round((nh - size) / 2.0))
-    left = int(round((nw - size) / 2.0))
-    if (nw, nh) != (size, size):
-        pil = pil.crop((left, top, left + size, top + size))
-    return pil
+        x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=interpolation, antialias=True,
+                                            align_corners=False).round_().clamp_(0, 255)
+    x = x[0, :, top : top + size, left : left + size]
+    return x.div(255.0).sub_(m).div_(s)
 
 
 def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -18,6 +18,7 @@ from PIL import Image
 from soapflow.errors import SoapError
 from soapflow.sources import (
     FASHION_MNIST_DIR,
+    ArraySource,
     OPENCV_DOC_DATA,
     chunk_loader,
     list_sources,
@@ -420,3 +421,74 @@ def test_noise_source():
         open_source("noise:pink")
     with pytest.raises(SoapError):
         open_source("noise:no-such-generator", n=2)
+
+
+# --------------------------------------------------- decoding on the device (GPU path)
+
+
+@pytest.fixture(scope="module")
+def jpeg_folder(tmp_path_factory):
+    """Photo JPEGs bigger and smaller than the output size, grey, CMYK and EXIF-rotated ones,
+    and a PNG: the last three take the Pillow path in the workers."""
+    skdata = pytest.importorskip("skimage.data")
+    d = tmp_path_factory.mktemp("jpegs")
+    photo = Image.fromarray(skdata.astronaut())  # 512 x 512
+    photo.resize((640, 427)).save(d / "a_landscape.jpg", quality=90)
+    photo.resize((150, 200)).save(d / "b_small_portrait.jpg", quality=90)
+    photo.convert("L").save(d / "c_grey.jpg", quality=90)
+    photo.convert("CMYK").save(d / "d_cmyk.jpg", quality=90)
+    exif = photo.getexif()
+    exif[0x0112] = 6
+    photo.resize((300, 200)).save(d / "e_rotated.jpg", exif=exif, quality=90)
+    photo.resize((200, 260)).save(d / "f.png")
+    return d
+
+
+def test_device_decode_matches_pillow(jpeg_folder):
+    src = open_source(str(jpeg_folder))
+    assert [os.path.basename(p) for p in src.paths][:2] == ["a_landscape.jpg", "b_small_portrait.jpg"]
+    chunks = [range(0, 4), range(4, 4), range(4, 6)]
+    ref = torch.cat([x for _, x in chunk_loader(src, chunks, 224, MEAN, STD)])
+    for workers in (0, 1):
+        got = list(chunk_loader(src, chunks, 224, MEAN, STD, workers, device_decode=True, device="cpu"))
+        assert [ci for ci, _ in got] == [0, 1, 2] and got[1][1].shape == (0, 3, 224, 224)
+        x = torch.cat([t for _, t in got])
+        assert x.shape == ref.shape == (6, 3, 224, 224) and x.dtype == torch.float32
+        grey_levels = ((x - ref) * torch.tensor(STD).view(3, 1, 1) * 255).abs()
+        assert torch.equal(x[3:], ref[3:])  # CMYK, EXIF-rotated and PNG: decoded by Pillow in the workers
+        # plain JPEGs: the same libjpeg-turbo decode (bit-identical without a resize, measured), then
+        # torch's antialiased resize instead of Pillow's: within a grey level or two, more when enlarging
+        for k in range(3):
+            g = grey_levels[k]
+            assert g.mean() < 0.25 and (g > 2.5).float().mean() < 1e-3 and g.max() <= 12, (k, g.mean(), g.max())
+        assert not torch.equal(x[:3], ref[:3])  # it really is the other decoder
+
+
+def test_device_decode_errors(jpeg_folder, tmp_path):
+    shutil.copy(jpeg_folder / "a_landscape.jpg", tmp_path / "a.jpg")
+    shutil.copy(jpeg_folder / "b_small_portrait.jpg", tmp_path / "b.jpg")
+    s = open_source(str(tmp_path))
+    data = (tmp_path / "b.jpg").read_bytes()
+    # still a JPEG header, then the entropy-coded data is garbage
+    (tmp_path / "b.jpg").write_bytes(data[: data.index(b"\xff\xda") + 20] + bytes(range(256)) * 20)
+    with pytest.raises(SoapError, match=r"could not decode .*b\.jpg on cpu"):
+        list(chunk_loader(s, [range(0, 2)], 32, MEAN, STD, device_decode=True, device="cpu"))
+    (tmp_path / "b.jpg").write_bytes(b"garbage")  # not a JPEG any more: the Pillow path names it
+    with pytest.raises(SoapError, match=r"b\.jpg"):
+        list(chunk_loader(s, [range(0, 2)], 32, MEAN, STD, device_decode=True, device="cpu"))
+    with pytest.raises(SoapError, match="not 'lanczos'"):
+        list(chunk_loader(s, [range(0, 1)], 32, MEAN, STD, interpolation="lanczos", device_decode=True))
+    with pytest.raises(SoapError, match="no image files"):
+        list(chunk_loader(ArraySource("arrays", np.zeros((2, 28, 28), np.uint8), None, {}), [range(0, 2)], 32, MEAN,
+                          STD, device_decode=True))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_nvjpeg_decode_matches_cpu_decode(jpeg_folder):
+    src = open_source(str(jpeg_folder))
+    cpu = torch.cat([x for _, x in chunk_loader(src, [range(6)], 224, MEAN, STD, device_decode=True)])
+    (_, gpu), = chunk_loader(src, [range(6)], 224, MEAN, STD, 1, device="cuda")  # on by default on CUDA
+    assert gpu.device.type == "cuda"
+    grey_levels = ((gpu.cpu() - cpu) * torch.tensor(STD).view(3, 1, 1) * 255).abs()
+    assert torch.equal(gpu.cpu()[3:], cpu[3:])  # decoded by Pillow in the workers either way
+    assert grey_levels.mean() < 1 and (grey_levels > 4.5).float().mean() < 0.01  # nvJPEG's IDCT differs a little
