@@ -34,6 +34,7 @@ run: setup
 bench: setup
 	$(BIN)/python benchmarks/noise.py
 	$(BIN)/python benchmarks/fit.py
+	$(BIN)/python benchmarks/forward_batch.py
 	$(BIN)/python benchmarks/refit.py
 
 clean:
