@@ -45,7 +45,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from soapflow.errors import SoapError
+from soapflow.errors import SoapError, json_object
 from storage.artifact import MANIFEST_FILE, TENSORS_FILE, read_artifact, sha256_file, verify_artifact
 from storage.objectstore import is_url, open_store
 
@@ -84,13 +84,7 @@ def default_storage_options() -> dict | None:
     env = os.environ.get("SOAPFLOW_STORAGE_OPTIONS")
     if not env:
         return None
-    try:
-        opts = json.loads(env)
-    except json.JSONDecodeError as exc:
-        raise SoapError(f"SOAPFLOW_STORAGE_OPTIONS is not a JSON object: {exc}") from None
-    if not isinstance(opts, dict):
-        raise SoapError(f"SOAPFLOW_STORAGE_OPTIONS must be a JSON object, got {env!r}")
-    return opts
+    return json_object(env, "SOAPFLOW_STORAGE_OPTIONS")
 
 
 def validate_name(name: Any) -> str:

@@ -439,7 +439,8 @@ def test_cli_local(tmp_path, monkeypatch, capsys):
         (("registry", "promote", f"{NAME}:1", "latest"), "latest"),
         (("registry", "pull", f"{NAME}:1", "--to", str(tmp_path / "p")), "not empty"),
         (("registry", "list", "ghost"), "'ghost'"),
-        (("registry", "publish", str(a), "--lineage", "[1]"), "--lineage"),
+        (("registry", "publish", str(a), "--lineage", "[1]"), "--lineage must be a JSON object"),
+        (("registry", "publish", str(a), "--lineage", "{run: 1}"), "--lineage is not a JSON object"),
         (("registry", "show", NAME, "-o", "novalue"), "KEY=VALUE"),
     ]:
         code, out, err = _run_main(monkeypatch, capsys, *args)
@@ -578,3 +579,16 @@ def test_s3_missing_bucket_is_a_clear_error(s3, tmp_path):
         reg.resolve(NAME)
     with pytest.raises(SoapError, match=r"registry s3://no-such-bucket-soap/reg: cannot create"):
         reg.publish(make_artifact(tmp_path / "a"))
+
+
+def test_storage_options_from_environment(monkeypatch):
+    from storage.registry import default_storage_options
+
+    monkeypatch.delenv("SOAPFLOW_STORAGE_OPTIONS", raising=False)
+    assert default_storage_options() is None
+    monkeypatch.setenv("SOAPFLOW_STORAGE_OPTIONS", '{"endpoint_url": "http://127.0.0.1:9"}')
+    assert default_storage_options() == {"endpoint_url": "http://127.0.0.1:9"}
+    for bad, needle in (('["x"]', "must be a JSON object"), ("{x", "is not a JSON object")):
+        monkeypatch.setenv("SOAPFLOW_STORAGE_OPTIONS", bad)
+        with pytest.raises(SoapError, match=f"SOAPFLOW_STORAGE_OPTIONS {needle}"):
+            default_storage_options()

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from soapflow.errors import SoapError
+from soapflow.errors import SoapError, json_object
 
 app = typer.Typer(
     help="Versioned projection artifacts: publish, list, show, promote, pull, diff, export.",
@@ -85,14 +85,7 @@ def publish(
     storage_option: StorageOpt = None,
 ) -> None:
     """Publish an artifact as the next version of NAME; prints NAME:VERSION."""
-    lineage_doc = None
-    if lineage is not None:
-        try:
-            lineage_doc = json.loads(lineage)
-        except json.JSONDecodeError as exc:
-            raise SoapError(f"--lineage must be a JSON object: {exc}") from None
-        if not isinstance(lineage_doc, dict):
-            raise SoapError(f"--lineage must be a JSON object, got {lineage!r}")
+    lineage_doc = json_object(lineage, "--lineage") if lineage is not None else None
     reg = _registry(registry, storage_option)
     res = reg.publish(artifact_dir, name=name, lineage=lineage_doc)
     if not res.created:
