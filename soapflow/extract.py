@@ -1,11 +1,11 @@
 """Feature extraction: images from a source → backbone tokens → one feature-store chunk at a time.
 
 The unit of work is one store chunk: decode (DataLoader workers) → forward → write the
-chunk whole → flag it complete. Decoding runs ahead in worker processes (on a GPU; on a CPU
-it runs in this process, beside the other extraction's forward pass) and writing runs behind
-in a thread, so the forward pass never waits on either. A rerun skips flagged
-chunks; since every image is a pure function of the source and its index, a resumed
-store is identical to an uninterrupted one.
+chunk whole → flag it complete. Decoding runs ahead in worker processes (on a GPU, where
+they only read JPEGs for nvJPEG; on a CPU it runs in this process, beside the other
+extraction's forward pass) and writing runs behind in a thread, so the forward pass never
+waits on either. A rerun skips flagged chunks; since every image is a pure function of
+the source and its index, a resumed store is identical to an uninterrupted one.
 """
 
 from __future__ import annotations

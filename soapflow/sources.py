@@ -30,9 +30,9 @@ import contextlib
 import gzip
 import hashlib
 import importlib
-import io
 import importlib.metadata
 import importlib.util
+import io
 import json
 import os
 import re

@@ -28,6 +28,7 @@ same geometry with nearest-neighbour interpolation.
 
 from __future__ import annotations
 
+import functools
 import gzip
 import io
 import os
@@ -308,7 +309,7 @@ def transform_pixels(img: torch.Tensor, size: int, mean: Sequence[float], std: S
     if interpolation not in TENSOR_INTERPOLATIONS:
         raise SoapError(f"interpolation {interpolation!r} is not available on tensors; use one of {TENSOR_INTERPOLATIONS}")
     size = _check_size(size)
-    m, s = (t.to(img.device) for t in _mean_std(mean, std))
+    m, s = _mean_std_on(tuple(mean), tuple(std), img.device)
     h, w = img.shape[-2:]
     nw, nh, top, left = _resize_geometry(w, h, size)
     x = img[None].to(torch.float32)
@@ -327,6 +328,13 @@ def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor
     if not bool((s > 0).all()):
         raise SoapError(f"std values must be > 0, got {list(std)}")
     return m.view(3, 1, 1), s.view(3, 1, 1)
+
+
+@functools.lru_cache(maxsize=8)
+def _mean_std_on(mean: tuple, std: tuple, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    # once per device: a copy from host memory to a GPU for every image would wait on the GPU
+    m, s = _mean_std(mean, std)
+    return m.to(device), s.to(device)
 
 
 def transform_image(
