@@ -100,11 +100,21 @@ class ExtractStats:
     images: int = 0
     chunks: int = 0
     seconds: float = 0.0
-    forward_seconds: float = 0.0
+    forward_seconds: float = 0.0  # forward and copy to host, waiting for the device included
+    input_seconds: float = 0.0  # waiting for the next chunk's images (decode, noise)
+    write_wait_seconds: float = 0.0  # waiting for the disk (more than two chunks behind)
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
+
+    def breakdown(self) -> str:
+        """Where the time went, e.g. "forward 91 % · input 6 % · disk 1 %": the stage that is
+        not the forward pass and has the largest share is the bottleneck to look at."""
+        if not self.seconds:
+            return "nothing extracted"
+        parts = (("forward", self.forward_seconds), ("input", self.input_seconds), ("disk", self.write_wait_seconds))
+        return " · ".join(f"{name} {100 * t / self.seconds:.0f} %" for name, t in parts)
 
 
 def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | None = None, *,
@@ -131,25 +141,46 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
         try:  # close the bar even on failure: an error message then starts on a line of its own
             with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
                 in_flight: list[Future] = []
+                t = time.perf_counter()
                 for position, images in loader:
+                    stats.input_seconds += time.perf_counter() - t
+                    t = time.perf_counter()
                     with _DEVICE_LOCKS[str(device)]:
-                        t = time.perf_counter()
-                        tokens = backbone.tokens(images.to(device, non_blocking=True))
-                        tokens = tokens.to("cpu", torch.float32).numpy()
-                        stats.forward_seconds += time.perf_counter() - t
+                        tokens, copied = _forward_to_host(backbone, images)
+                    copied()  # outside the lock: the other extraction queues its work meanwhile
+                    stats.forward_seconds += time.perf_counter() - t
                     in_flight.append(writer.submit(store.write_chunk, todo[position], tokens))
                     # keep at most two chunks waiting on the disk: memory stays bounded
+                    t = time.perf_counter()
                     while len(in_flight) > 2:
                         in_flight.pop(0).result()
+                    stats.write_wait_seconds += time.perf_counter() - t
                     stats.images += len(tokens)
                     stats.chunks += 1
                     bar.update(len(tokens))
+                    t = time.perf_counter()
                 for f in in_flight:
                     f.result()
         finally:
             bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _forward_to_host(backbone, images):
+    """Tokens of one chunk as a float32 host array, and a function that waits until they are
+    there. On CUDA the copy goes asynchronously into pinned memory, so the caller can let go of
+    the device lock before the GPU has finished: the GPU then never idles between chunks."""
+    import torch
+
+    tokens = backbone.tokens(images.to(backbone.device, non_blocking=True))
+    if tokens.device.type != "cuda":
+        return tokens.to("cpu", torch.float32).numpy(), lambda: None
+    host = torch.empty(tokens.shape, dtype=torch.float32, pin_memory=True)
+    host.copy_(tokens, non_blocking=True)
+    done = torch.cuda.Event()
+    done.record(torch.cuda.current_stream(tokens.device))
+    return host.numpy(), done.synchronize
 
 
 def _loader(source, ranges, backbone, num_workers, device):

@@ -334,8 +334,13 @@ def decode_on_device(items: list[torch.Tensor], paths: list[str], size: int, mea
                 except RuntimeError as e:
                     raise SoapError(f"could not decode {paths[k]} on {device} although it passed the pre-scan "
                                     f"({e}); was it changed while the run was going?") from None
-        for k, img in zip(at, pixels):
-            out[k] = transform_pixels(img, size, mean, std, interpolation)
+        by_size: dict[tuple, list[int]] = {}  # images of one size are transformed as one batch
+        for j, img in enumerate(pixels):
+            by_size.setdefault(tuple(img.shape), []).append(j)
+        for js in by_size.values():
+            batch = transform_pixels(torch.stack([pixels[j] for j in js]), size, mean, std, interpolation)
+            for j, x in zip(js, batch):
+                out[at[j]] = x
     return torch.stack(out)
 
 
@@ -894,6 +899,8 @@ def chunk_loader(
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
         collate_fn=list if device_decode else None,  # bytes of different lengths
+        # pinned batches go to a GPU asynchronously, while it runs the previous chunk
+        pin_memory=torch.device(device).type == "cuda" and not device_decode,
     )
     it = iter(loader)
     try:

@@ -302,22 +302,25 @@ TENSOR_INTERPOLATIONS = ("bilinear", "bicubic")
 
 def transform_pixels(img: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float],
                      interpolation: str = "bicubic") -> torch.Tensor:
-    """``transform_image`` for a decoded uint8 RGB tensor ``(3, H, W)`` on any device (images
-    decoded on a GPU stay there). Same geometry; torch's antialiased resize follows Pillow's
-    filters, and the result is rounded to 8 bits as Pillow's is, so pixels agree with
-    ``transform_image`` to about one grey level."""
+    """``transform_image`` for a decoded uint8 RGB tensor ``(3, H, W)``, or a batch ``(B, 3, H, W)``
+    of images of one size, on any device (images decoded on a GPU stay there; a batch costs one
+    kernel launch per step instead of one per image). Same geometry; torch's antialiased resize
+    follows Pillow's filters, and the result is rounded to 8 bits as Pillow's is, so pixels agree
+    with ``transform_image`` to about one grey level."""
     if interpolation not in TENSOR_INTERPOLATIONS:
         raise SoapError(f"interpolation {interpolation!r} is not available on tensors; use one of {TENSOR_INTERPOLATIONS}")
+    if img.ndim not in (3, 4) or img.shape[-3] != 3:
+        raise SoapError(f"transform_pixels takes (3, H, W) or (B, 3, H, W) RGB pixels, got {tuple(img.shape)}")
     size = _check_size(size)
     m, s = _mean_std_on(tuple(mean), tuple(std), img.device)
     h, w = img.shape[-2:]
     nw, nh, top, left = _resize_geometry(w, h, size)
-    x = img[None].to(torch.float32)
+    x = (img if img.ndim == 4 else img[None]).to(torch.float32)
     if (nw, nh) != (w, h):
         x = torch.nn.functional.interpolate(x, size=(nh, nw), mode=interpolation, antialias=True,
                                             align_corners=False).round_().clamp_(0, 255)
-    x = x[0, :, top : top + size, left : left + size]
-    return x.div(255.0).sub_(m).div_(s)
+    x = x[:, :, top : top + size, left : left + size].div(255.0).sub_(m).div_(s)
+    return x if img.ndim == 4 else x[0]
 
 
 def _mean_std(mean: Sequence[float], std: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:

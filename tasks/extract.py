@@ -47,7 +47,8 @@ def extract_shard(uri: str, created: str, chunks: list[int], spec: dict, source:
     stats = ex.extract_chunks(store, backbone, src, chunks, num_workers=num_workers, progress=progress,
                               desc=f"extract {source}")
     return {"images": stats.images, "chunks": stats.chunks, "seconds": stats.seconds,
-            "forward_seconds": stats.forward_seconds}
+            "forward_seconds": stats.forward_seconds, "input_seconds": stats.input_seconds,
+            "write_wait_seconds": stats.write_wait_seconds}
 
 
 @task(name="finalize-store", cache_policy=NO_CACHE)
@@ -56,6 +57,6 @@ def finalize_store(uri: str, shard_results: list[dict]) -> dict:
 
     store = FeatureStore.open(uri, mode="r+")
     store.finalize()
+    times = ("seconds", "forward_seconds", "input_seconds", "write_wait_seconds")
     return {"uri": uri, "count": store.count, "written_images": sum(r["images"] for r in shard_results),
-            "seconds": sum(r["seconds"] for r in shard_results),
-            "forward_seconds": sum(r["forward_seconds"] for r in shard_results)}
+            **{k: sum(r.get(k, 0.0) for r in shard_results) for k in times}}

@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -34,6 +35,30 @@ def test_store_holds_backbone_tokens_with_provenance(tmp_path, bb):
     assert attrs["layer"] == 11 and attrs["grid"] == [4, 4] and attrs["dim"] == 192
     assert attrs["image_size"] == 64 and attrs["source"]["spec"] == "photos" and attrs["count"] == 10
     assert len(attrs["fingerprint"]) == 64 and "completed" in attrs and attrs["soapflow_version"]
+    assert 0 < stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds
+    assert re.fullmatch(r"forward \d+ % · input \d+ % · disk \d+ %", stats.breakdown())
+
+
+def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
+    import soapflow.extract as ex
+
+    src = cached_source("noise:pink", 12, 0)
+    store = open_store_for(str(tmp_path / "s"), bb, src, chunk=2)
+    loader, write = ex._loader, store.write_chunk
+
+    def slow_loader(*args):  # 0.1 s per chunk to decode
+        for item in loader(*args):
+            time.sleep(0.1)
+            yield item
+
+    monkeypatch.setattr(ex, "_loader", slow_loader)
+    monkeypatch.setattr(store, "write_chunk", lambda i, t: (time.sleep(0.3), write(i, t)))  # a slow disk
+    stats = extract_chunks(store, bb, src, progress=False)
+    assert stats.chunks == 6 and store.pending_chunks() == []
+    assert stats.input_seconds >= 0.6 and stats.write_wait_seconds >= 0.5  # 6 × 0.3 s behind 0.6 s of input
+    assert stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds
+    shares = dict(re.findall(r"(\w+) (\d+) %", stats.breakdown()))
+    assert int(shares["input"]) >= 25 and int(shares["disk"]) >= 20, stats.breakdown()
 
 
 def test_decode_processes_give_the_same_store(tmp_path, monkeypatch):
@@ -87,7 +112,8 @@ def test_cli_extract_and_bad_backbone(tmp_path):
     ok = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--source",
              "noise:pink", "--n", "6", "--chunk", "4", "--out", str(tmp_path / "s"))
     assert ok.returncode == 0, ok.stderr
-    assert "wrote 6 images in 2 chunks" in ok.stdout
+    assert re.search(r"wrote 6 images in 2 chunks \([\d.]+ img/s: forward \d+ % · input \d+ % · disk \d+ %\)",
+                     ok.stdout), ok.stdout
     bad = run("--backbone", "vit_nonexistent_9000", "--source", "photos", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "vit_nonexistent_9000" in bad.stderr and "Traceback" not in bad.stderr
     nonoise = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--source", "noise:pink",
@@ -132,6 +158,9 @@ def test_cli_refit_prints_summary(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = result.stdout
     assert "Top SI scores" in out and "components suppressed" in out and "artifact:" in out
+    for kind in ("real", "synthetic"):  # extraction speed and where its time went, per store
+        assert re.search(rf"{kind} +store: .*\(8 images; 8 extracted now, [\d.]+ img/s: forward \d+ % · input \d+ % · "
+                         r"disk \d+ %\)", out), out
     path = out.split("artifact:")[1].split()[0]
     assert read_artifact(path).manifest["mu_mode"] == "auto"
     # the process skips interpreter teardown at exit, but only after Prefect stopped its server
@@ -139,3 +168,39 @@ def test_cli_refit_prints_summary(tmp_path):
     assert f"Stopping temporary server on http://127.0.0.1:{port}" in result.stderr
     alive = subprocess.run(["pgrep", "-f", f"create_app.*--port {port}"], capture_output=True, text=True)
     assert alive.returncode == 1 and not alive.stdout, f"temporary server on port {port} outlived the CLI"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_extraction_matches_cpu(tmp_path):
+    # the GPU path end to end: nvJPEG decode and resize, noise made on the GPU, bf16 forward,
+    # tokens copied back asynchronously while the other extraction runs (two at once, as in refit)
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    skdata = pytest.importorskip("skimage.data")
+    photo = Image.fromarray(skdata.astronaut())
+    (tmp_path / "jpegs").mkdir()
+    for k in range(12):  # two sizes, different content
+        photo.crop((16 * k, 8 * k, 16 * k + 300, 8 * k + (220 if k % 2 else 260))).save(
+            tmp_path / "jpegs" / f"{k:02d}.jpg", quality=90)
+    specs = [str(tmp_path / "jpegs"), "noise:mixture"]
+
+    def tokens(device, k):
+        bb = cached_backbone("vit_small_patch16_224", "random", -1, "out", 96, device)
+        src = cached_source(specs[k], 12, 0)
+        store = open_store_for(str(tmp_path / f"{device}{k}"), bb, src, chunk=5)
+        extract_chunks(store, bb, src, num_workers=1, progress=False)
+        assert store.pending_chunks() == []
+        return store.tokens[:].astype(np.float32).reshape(12, -1)
+
+    cpu = [tokens("cpu", k) for k in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        gpu = list(pool.map(lambda k: tokens("cuda", k), range(2)))
+    for spec, a, b in zip(specs, gpu, cpu):
+        assert np.isfinite(a).all(), spec
+        err = np.linalg.norm(a - b, axis=1) / np.linalg.norm(b, axis=1)
+        assert err.max() < 0.05, (spec, err)  # bf16 and a decode a grey level apart
+        # and every image's tokens are in their own place: the neighbour's are much further away
+        shifted = np.linalg.norm(a - np.roll(b, 1, axis=0), axis=1) / np.linalg.norm(b, axis=1)
+        assert shifted.min() > 2 * err.max(), (spec, err, shifted)

@@ -464,6 +464,32 @@ def test_device_decode_matches_pillow(jpeg_folder):
         assert not torch.equal(x[:3], ref[:3])  # it really is the other decoder
 
 
+def test_transform_pixels_batch_matches_single_images():
+    imgs = torch.randint(0, 256, (3, 3, 90, 120), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    for interpolation in transforms.TENSOR_INTERPOLATIONS:
+        batch = transforms.transform_pixels(imgs, 64, MEAN, STD, interpolation)
+        assert batch.shape == (3, 3, 64, 64)
+        for k in range(3):
+            assert torch.equal(batch[k], transforms.transform_pixels(imgs[k], 64, MEAN, STD, interpolation))
+    with pytest.raises(SoapError, match=r"\(3, H, W\) or \(B, 3, H, W\) RGB pixels, got \(3, 2, 90, 120\)"):
+        transforms.transform_pixels(imgs[:, :2], 64, MEAN, STD)
+
+
+def test_device_decode_groups_images_by_size(jpeg_folder, tmp_path):
+    # a chunk's JPEGs of one size are resized as one batch; each must still land in its own place
+    photo = Image.open(jpeg_folder / "a_landscape.jpg")
+    photo.save(tmp_path / "1.jpg", quality=90)
+    photo.resize((150, 200)).save(tmp_path / "2.jpg", quality=90)
+    photo.transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "3.jpg", quality=90)
+    photo.resize((150, 200)).transpose(Image.Transpose.FLIP_TOP_BOTTOM).save(tmp_path / "4.jpg", quality=90)
+    src = open_source(str(tmp_path))
+    (_, together), = chunk_loader(src, [range(4)], 96, MEAN, STD, device_decode=True)
+    alone = torch.cat([x for _, x in chunk_loader(src, [range(k, k + 1) for k in range(4)], 96, MEAN, STD,
+                                                  device_decode=True)])
+    assert torch.equal(together, alone)
+    assert not torch.equal(together[0], together[2]) and not torch.equal(together[1], together[3])
+
+
 def test_device_decode_errors(jpeg_folder, tmp_path):
     shutil.copy(jpeg_folder / "a_landscape.jpg", tmp_path / "a.jpg")
     shutil.copy(jpeg_folder / "b_small_portrait.jpg", tmp_path / "b.jpg")

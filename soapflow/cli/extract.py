@@ -36,8 +36,8 @@ def extract(
     attrs = store.attrs
     console = Console(soft_wrap=True)
     console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype}")
-    console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s); "
-                  f"skipped files: {attrs.get('n_skipped', 0)}")
+    console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s: "
+                  f"{stats.breakdown()}); skipped files: {attrs.get('n_skipped', 0)}")
     for item in (attrs.get("skipped") or [])[:10]:
         console.print(f"  skipped {item['path']}: {item['reason']}")
 
@@ -76,6 +76,7 @@ def refit(
     from flows.refit import refit as refit_flow
     from flows.refit import quick_local_run
     from soapflow.errors import SoapError
+    from soapflow.extract import ExtractStats
 
     if tau <= 0:
         raise SoapError(f"--tau must be > 0, got {tau}")
@@ -103,9 +104,11 @@ def refit(
     ext = result["extraction"]
     for kind in ("real", "synthetic"):
         e = ext[kind]
-        rate = e["written_images"] / e["seconds"] if e["seconds"] else 0
+        stats = ExtractStats(images=e["written_images"], seconds=e["seconds"], forward_seconds=e["forward_seconds"],
+                             input_seconds=e.get("input_seconds", 0.0), write_wait_seconds=e.get("write_wait_seconds", 0.0))
         console.print(f"{kind:9s} store: {e['uri']}  ({e['count']} images; {e['written_images']} extracted now"
-                      + (f", {rate:.1f} img/s" if e["written_images"] else ", all reused") + ")")
+                      + (f", {stats.images_per_second:.1f} img/s: {stats.breakdown()}" if stats.images else ", all reused")
+                      + ")")
     if result["skipped_images"]:
         console.print(f"skipped unreadable real images: {result['skipped_images']} (listed in the store's attributes)")
     console.print(f"components suppressed: {result['n_suppressed']} (μ = {result['mu']:g})")

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The refit issue's GPU checks, as one script for a CUDA machine:
+#   1. the CUDA tests (nvJPEG decode, noise generators on CUDA, a CUDA extraction against a CPU one);
+#   2. benchmarks/refit.py with a random-weight ViT-B/16 at 224 px on --n JPEGs + as many noise
+#      images, bf16: pure forward vs extraction (goal ≥ 0.85×) and vs the whole `soap refit`;
+#      once at the default chunk (64 images) and once at 256.
+# Logs go to $OUT (default /tmp/soapflow-gpu-check). Packages the machine lacks (prefect, zarr,
+# dask, …) are installed from wheels in .whl/ when that folder exists, e.g. made with
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 … -d .whl prefect zarr dask
+#   bash benchmarks/gpu_check.sh [N]
+set -u
+cd "$(dirname "$0")/.."
+N=${1:-2000}
+OUT=${OUT:-/tmp/soapflow-gpu-check}
+mkdir -p "$OUT"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/soapflow-site \
+    .whl/*.whl >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+  export PYTHONPATH=/tmp/soapflow-site
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # the tests' conftest hides GPUs unless told
+export PREFECT_HOME=$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "cores: $(nproc)"
+python3 -c "import sys, torch, torchvision, timm, prefect, zarr, dask; print('python', sys.version.split()[0], \
+'torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'prefect', \
+prefect.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())"
+
+echo "== CUDA tests"
+timeout 150 python3 -m pytest -q -p no:cacheprovider -rs \
+  tests/test_sources.py tests/test_noise_generators.py tests/test_extract.py \
+  -k "cuda or nvjpeg or device_decode or transform_pixels" 2>&1 | tee "$OUT/pytest.log" | tail -15
+
+for CHUNK in 64 256; do
+  echo "== refit benchmark, chunk $CHUNK"
+  timeout 240 python3 benchmarks/refit.py --device cuda --backbone vit_base_patch16_224 --weights random \
+    --jpegs --n "$N" --chunk "$CHUNK" --extraction 2>&1 | tee "$OUT/refit-chunk$CHUNK.log" | tail -12
+done
