@@ -5,7 +5,8 @@
                                          [--extraction] [--jpegs] [--device cuda]
 
 Pure forward: the same real + synthetic images, already decoded/generated and resident in
-memory, through `Backbone.tokens` in chunk-sized batches — nothing else. Refit: the `soap refit`
+memory, through `Backbone.tokens` in chunk-sized batches — nothing else (on a GPU the tokens stay
+there: not even the copy to host memory that extraction must make). Refit: the `soap refit`
 command in a fresh process and a fresh work directory (imports, Prefect's ephemeral server,
 model load, decoding, noise generation, store writes, the fit, the artifact and plots), as a
 one-off (a temporary Prefect server boots beside the model load) and, with --server-run, also
@@ -68,7 +69,9 @@ def key(args) -> tuple:
     return (args.backbone, args.weights, args.image_size, args.device)
 
 
-def pure_forward(args, n: int) -> tuple[float, int]:
+def pure_forward(args, n: int, to_host: bool = False) -> tuple[float, int]:
+    """The forward pass alone; on a GPU the tokens stay there unless ``to_host`` (float32,
+    pageable memory: what a plain ``.cpu()`` does)."""
     import torch
 
     bb = backbone(key(args))
@@ -78,7 +81,9 @@ def pure_forward(args, n: int) -> tuple[float, int]:
         torch.cuda.synchronize()
     t = time.perf_counter()
     for x in batches:
-        bb.tokens(x).cpu()
+        tokens = bb.tokens(x)
+        if to_host:
+            tokens.cpu()
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
     return time.perf_counter() - t, sum(len(b) for b in batches)
@@ -98,6 +103,27 @@ def extraction(args, n: int, work: Path) -> tuple[float, list]:
         stats = list(pool.map(lambda k: extract_chunks(stores[k], bb, sources[k], num_workers=args.workers,
                                                        progress=False), range(2)))
         return time.perf_counter() - t, stats
+
+
+def input_only(args, n: int) -> list[float]:
+    """Seconds each source's images take to reach the device with no forward pass: the
+    extraction's own loader (decode/generate, resize, normalize)."""
+    import torch
+
+    from soapflow.extract import _loader, cached_source
+
+    bb = backbone(key(args))
+    times = []
+    for spec in (args.data, f"noise:{args.generator}"):
+        src = cached_source(spec, n, 0)
+        ranges = [range(s, min(len(src), s + args.chunk)) for s in range(0, len(src), args.chunk)]
+        t = time.perf_counter()
+        for _ in _loader(src, ranges, bb, args.workers, bb.device):
+            pass
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def _write_jpeg_range(folder: Path, indices: range, seed: int) -> None:
@@ -212,6 +238,7 @@ def main() -> None:
     if args.extraction:
         with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
             extract_wall, extract_stats = extraction(args, args.n, Path(work))
+        inputs = input_only(args, args.n)
         forwards.append(pure_forward(args, args.n)[0])
     n_images = 2 * args.n
     print(f"{args.backbone} @ {args.image_size}px, {args.n} real ({args.data}) + {args.n} synthetic, "
@@ -232,6 +259,12 @@ def main() -> None:
               f"   {base / extract_wall:5.2f}× the pure forward's {n_images / base:.1f} img/s (goal ≥ 0.85× on a GPU)")
         for name, st in zip(("real", "synthetic"), extract_stats):
             print(f"{'':38s}  {name:9s}: {st.images} images, {st.images_per_second:.1f} img/s: {st.breakdown()}")
+        print(f"{'input alone (no forward), real / synth':38s}: {inputs[0]:7.2f} / {inputs[1]:.2f} s   "
+              f"{args.n / inputs[0]:6.1f} / {args.n / inputs[1]:.1f} img/s")
+        if args.device.startswith("cuda"):
+            t = pure_forward(args, args.n, to_host=True)[0]
+            print(f"{'pure forward + .cpu() of its tokens':38s}: {t:7.2f} s   {n_images / t:6.1f} img/s   "
+                  f"(float32 into pageable memory, for comparison)")
 
 
 if __name__ == "__main__":

@@ -52,7 +52,7 @@ def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
             yield item
 
     monkeypatch.setattr(ex, "_loader", slow_loader)
-    monkeypatch.setattr(store, "write_chunk", lambda i, t: (time.sleep(0.3), write(i, t)))  # a slow disk
+    monkeypatch.setattr(store, "write_chunk", lambda i, t, **kw: (time.sleep(0.3), write(i, t, **kw)))  # a slow disk
     stats = extract_chunks(store, bb, src, progress=False)
     assert stats.chunks == 6 and store.pending_chunks() == []
     assert stats.input_seconds >= 0.6 and stats.write_wait_seconds >= 0.5  # 6 × 0.3 s behind 0.6 s of input

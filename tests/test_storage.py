@@ -77,7 +77,22 @@ def test_writer_refuses_wrong_shapes_and_float16_overflow(tmp_path):
         store.write_chunk(0, np.zeros((3, 1, 1, 2)))
     with pytest.raises(SoapError, match="float16 overflow"):
         store.write_chunk(0, np.full((2, 1, 1, 2), 1e6))
+    # tokens the caller already cast (extraction casts where the forward ran): it says how they were
+    cast = np.full((2, 1, 1, 2), np.inf, np.float16)
+    with pytest.raises(SoapError, match=r"after casting to float16 \(float16 overflow"):
+        store.write_chunk(0, cast, finite_before_cast=True)
+    for flag in (False, None):  # the model's own inf/NaN: no overflow hint
+        with pytest.raises(SoapError, match=r"after casting to float16$"):
+            store.write_chunk(0, cast, finite_before_cast=flag)
+    for bad in (np.nan, -np.inf):
+        tokens = np.zeros((2, 1, 1, 2), np.float16)
+        tokens[1, 0, 0, 1] = bad
+        with pytest.raises(SoapError, match="non-finite"):
+            store.write_chunk(1, tokens)
     assert store.pending_chunks() == [0, 1]
+    edge = np.array([65504, -65504, 6e-8, -0.0], np.float16).reshape(2, 1, 1, 2)  # largest, subnormal
+    store.write_chunk(0, edge)
+    np.testing.assert_array_equal(store.tokens[:2], edge)
 
 
 def _tensors(d=6, h=2, w=3):
