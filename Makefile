@@ -35,6 +35,8 @@ bench: setup
 	$(BIN)/python benchmarks/noise.py
 	$(BIN)/python benchmarks/fit.py
 	$(BIN)/python benchmarks/forward_batch.py
+	$(BIN)/python benchmarks/store_write.py
+	$(BIN)/python benchmarks/jpeg_loader.py
 	$(BIN)/python benchmarks/refit.py
 
 clean:

@@ -101,20 +101,23 @@ class ExtractStats:
     images: int = 0
     chunks: int = 0
     seconds: float = 0.0
-    forward_seconds: float = 0.0  # forward and copy to host, waiting for the device included
+    forward_seconds: float = 0.0  # forward and copy to host, waiting for the GPU included
     input_seconds: float = 0.0  # waiting for the next chunk's images (decode, noise)
     write_wait_seconds: float = 0.0  # waiting for the disk (more than two chunks behind)
+    device_wait_seconds: float = 0.0  # waiting while another extraction had the device
 
     @property
     def images_per_second(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
     def breakdown(self) -> str:
-        """Where the time went, e.g. "forward 91 % · input 6 % · disk 1 %": the stage that is
-        not the forward pass and has the largest share is the bottleneck to look at."""
+        """Where the time went, e.g. "forward 51 % · input 6 % · disk 1 % · device busy 41 %": the
+        largest share after the forward is the bottleneck to look at ("device busy": the other
+        extraction of a refit had it, as it should on a CPU)."""
         if not self.seconds:
             return "nothing extracted"
-        parts = (("forward", self.forward_seconds), ("input", self.input_seconds), ("disk", self.write_wait_seconds))
+        parts = (("forward", self.forward_seconds), ("input", self.input_seconds), ("disk", self.write_wait_seconds),
+                 ("device busy", self.device_wait_seconds))
         return " · ".join(f"{name} {100 * t / self.seconds:.0f} %" for name, t in parts)
 
 
@@ -136,7 +139,8 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
         device = backbone.device
         dtype = getattr(torch, str(store.tokens.dtype))  # float16 or float32
         ranges = [store.chunk_range(c) for c in todo]
-        loader = _loader(source, ranges, backbone, num_workers, device)
+        lock = _WaitedLock(_DEVICE_LOCKS[str(device)])
+        loader = _loader(source, ranges, backbone, num_workers, device, lock)
         bar = tqdm(total=sum(len(r) for r in ranges), desc=desc or f"extract {source.spec}", unit="img",
                    disable=not progress, smoothing=0.1)
         start = time.perf_counter()
@@ -145,12 +149,16 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
                 in_flight: list[Future] = []
                 t = time.perf_counter()
                 for position, images in loader:
-                    stats.input_seconds += time.perf_counter() - t
+                    waited = lock.waited()  # (noise is made, and CPUs decode, holding the lock)
+                    stats.input_seconds += time.perf_counter() - t - waited
+                    stats.device_wait_seconds += waited
                     t = time.perf_counter()
-                    with _DEVICE_LOCKS[str(device)]:
+                    with lock:
                         tokens, copied = _forward_to_host(backbone, images, dtype)
                     finite = copied()  # outside the lock: the other extraction queues its work meanwhile
-                    stats.forward_seconds += time.perf_counter() - t
+                    waited = lock.waited()
+                    stats.forward_seconds += time.perf_counter() - t - waited
+                    stats.device_wait_seconds += waited
                     in_flight.append(writer.submit(store.write_chunk, todo[position], tokens,
                                                    finite_before_cast=finite))
                     # keep at most two chunks waiting on the disk: memory stays bounded
@@ -193,7 +201,27 @@ def _forward_to_host(backbone, images, dtype):
     return host.numpy(), lambda: done.synchronize() or bool(finite)
 
 
-def _loader(source, ranges, backbone, num_workers, device):
+class _WaitedLock:
+    """A lock that adds up the seconds spent waiting for it."""
+
+    def __init__(self, lock: threading.Lock):
+        self._lock, self._seconds = lock, 0.0
+
+    def __enter__(self):
+        t = time.perf_counter()
+        self._lock.acquire()
+        self._seconds += time.perf_counter() - t
+
+    def __exit__(self, *exc):
+        self._lock.release()
+
+    def waited(self) -> float:
+        """Seconds spent waiting since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+
+def _loader(source, ranges, backbone, num_workers, device, lock=None):
     import multiprocessing
 
     from soapflow.sources import chunk_loader
@@ -210,7 +238,10 @@ def _loader(source, ranges, backbone, num_workers, device):
     # On a CPU, noise and decoding would fight the other extraction's forward for the cores. On a
     # GPU the lock would only make the other extraction wait while nvJPEG decodes (its Huffman
     # stage runs on the CPU, ~0.4 ms per ImageNet-sized JPEG) and while noise kernels launch.
-    lock = _DEVICE_LOCKS[str(device)] if str(device).startswith("cpu") else contextlib.nullcontext()
+    if not str(device).startswith("cpu"):
+        lock = contextlib.nullcontext()
+    elif lock is None:
+        lock = _DEVICE_LOCKS[str(device)]
     return chunk_loader(source, ranges, backbone.image_size, backbone.mean, backbone.std,
                         num_workers=num_workers, device=device, interpolation=backbone.interpolation or "bicubic",
                         device_lock=lock)

@@ -48,7 +48,7 @@ def extract_shard(uri: str, created: str, chunks: list[int], spec: dict, source:
                               desc=f"extract {source}")
     return {"images": stats.images, "chunks": stats.chunks, "seconds": stats.seconds,
             "forward_seconds": stats.forward_seconds, "input_seconds": stats.input_seconds,
-            "write_wait_seconds": stats.write_wait_seconds}
+            "write_wait_seconds": stats.write_wait_seconds, "device_wait_seconds": stats.device_wait_seconds}
 
 
 @task(name="finalize-store", cache_policy=NO_CACHE)
@@ -57,6 +57,6 @@ def finalize_store(uri: str, shard_results: list[dict]) -> dict:
 
     store = FeatureStore.open(uri, mode="r+")
     store.finalize()
-    times = ("seconds", "forward_seconds", "input_seconds", "write_wait_seconds")
+    times = ("seconds", "forward_seconds", "input_seconds", "write_wait_seconds", "device_wait_seconds")
     return {"uri": uri, "count": store.count, "written_images": sum(r["images"] for r in shard_results),
             **{k: sum(r.get(k, 0.0) for r in shard_results) for k in times}}

@@ -36,7 +36,7 @@ def test_store_holds_backbone_tokens_with_provenance(tmp_path, bb):
     assert attrs["image_size"] == 64 and attrs["source"]["spec"] == "photos" and attrs["count"] == 10
     assert len(attrs["fingerprint"]) == 64 and "completed" in attrs and attrs["soapflow_version"]
     assert 0 < stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds
-    assert re.fullmatch(r"forward \d+ % · input \d+ % · disk \d+ %", stats.breakdown())
+    assert re.fullmatch(r"forward \d+ % · input \d+ % · disk \d+ % · device busy \d+ %", stats.breakdown())
 
 
 def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
@@ -59,6 +59,28 @@ def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
     assert stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds
     shares = dict(re.findall(r"(\w+) (\d+) %", stats.breakdown()))
     assert int(shares["input"]) >= 25 and int(shares["disk"]) >= 20, stats.breakdown()
+
+
+def test_extract_stats_count_waiting_for_the_other_extraction(tmp_path, bb, monkeypatch):
+    # as in a refit on a CPU: two extractions take turns on the device (0.2 s per forward here)
+    from concurrent.futures import ThreadPoolExecutor
+
+    tokens = bb.tokens
+    monkeypatch.setattr(bb, "tokens", lambda x: (time.sleep(0.2), tokens(x))[1])
+    specs = ["photos", "noise:pink"]
+    sources = [cached_source(spec, 6, 0) for spec in specs]
+    stores = [open_store_for(str(tmp_path / f"s{k}"), bb, sources[k], chunk=2) for k in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        stats = list(pool.map(lambda k: extract_chunks(stores[k], bb, sources[k], progress=False), range(2)))
+    for st in stats:
+        assert st.chunks == 3 and st.forward_seconds >= 0.6  # its own three forwards, not the other's
+        accounted = st.forward_seconds + st.input_seconds + st.write_wait_seconds + st.device_wait_seconds
+        assert accounted <= st.seconds
+    # 1.2 s of forwards one at a time: the two waited ~0.6 s between them, counted as "device busy"
+    assert sum(st.device_wait_seconds for st in stats) >= 0.4, [st.breakdown() for st in stats]
+    for st, k in zip(stats, range(2)):
+        np.testing.assert_array_equal(stores[k].tokens[:], tokens(sources[k].batch(range(6), 64, bb.mean, bb.std))
+                                      .numpy().astype(np.float16))
 
 
 def test_decode_processes_give_the_same_store(tmp_path, monkeypatch):
@@ -112,7 +134,8 @@ def test_cli_extract_and_bad_backbone(tmp_path):
     ok = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--source",
              "noise:pink", "--n", "6", "--chunk", "4", "--out", str(tmp_path / "s"))
     assert ok.returncode == 0, ok.stderr
-    assert re.search(r"wrote 6 images in 2 chunks \([\d.]+ img/s: forward \d+ % · input \d+ % · disk \d+ %\)",
+    assert re.search(r"wrote 6 images in 2 chunks \([\d.]+ img/s: forward \d+ % · input \d+ % · disk \d+ % · "
+                     r"device busy \d+ %\)",
                      ok.stdout), ok.stdout
     bad = run("--backbone", "vit_nonexistent_9000", "--source", "photos", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "vit_nonexistent_9000" in bad.stderr and "Traceback" not in bad.stderr
@@ -160,7 +183,7 @@ def test_cli_refit_prints_summary(tmp_path):
     assert "Top SI scores" in out and "components suppressed" in out and "artifact:" in out
     for kind in ("real", "synthetic"):  # extraction speed and where its time went, per store
         assert re.search(rf"{kind} +store: .*\(8 images; 8 extracted now, [\d.]+ img/s: forward \d+ % · input \d+ % · "
-                         r"disk \d+ %\)", out), out
+                         r"disk \d+ % · device busy \d+ %\)", out), out
     path = out.split("artifact:")[1].split()[0]
     assert read_artifact(path).manifest["mu_mode"] == "auto"
     # the process skips interpreter teardown at exit, but only after Prefect stopped its server

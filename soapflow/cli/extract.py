@@ -104,8 +104,8 @@ def refit(
     ext = result["extraction"]
     for kind in ("real", "synthetic"):
         e = ext[kind]
-        stats = ExtractStats(images=e["written_images"], seconds=e["seconds"], forward_seconds=e["forward_seconds"],
-                             input_seconds=e.get("input_seconds", 0.0), write_wait_seconds=e.get("write_wait_seconds", 0.0))
+        stats = ExtractStats(images=e["written_images"], **{k: e.get(k, 0.0) for k in (
+            "seconds", "forward_seconds", "input_seconds", "write_wait_seconds", "device_wait_seconds")})
         console.print(f"{kind:9s} store: {e['uri']}  ({e['count']} images; {e['written_images']} extracted now"
                       + (f", {stats.images_per_second:.1f} img/s: {stats.breakdown()}" if stats.images else ", all reused")
                       + ")")

@@ -88,10 +88,10 @@ def test_flow_survives_a_dropped_s3_connection(s3_outage, tmp_path, monkeypatch)
     real_write, real_extract = FeatureStore.write_chunk, ex.extract_chunks
     attempts, seen = [], []
 
-    def write_chunk(self, i, tokens):
+    def write_chunk(self, i, tokens, **kw):
         if i == 2 and not proxy.drops:
             proxy.drop()  # the endpoint goes away just as chunk 2 is written
-        return real_write(self, i, tokens)
+        return real_write(self, i, tokens, **kw)
 
     def extract_chunks(*args, **kw):
         attempts.append(1)
