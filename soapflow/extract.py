@@ -15,7 +15,7 @@ import threading
 import time
 from collections import defaultdict
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from functools import lru_cache
 
 from soapflow.errors import SoapError
@@ -119,6 +119,10 @@ class ExtractStats:
         parts = (("forward", self.forward_seconds), ("input", self.input_seconds), ("disk", self.write_wait_seconds),
                  ("device busy", self.device_wait_seconds))
         return " · ".join(f"{name} {100 * t / self.seconds:.0f} %" for name, t in parts)
+
+
+#: ExtractStats' times, as tasks report them (summed over shards) and the CLI reads them back.
+TIMINGS = tuple(f.name for f in fields(ExtractStats) if f.name.endswith("seconds"))
 
 
 def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | None = None, *,

@@ -6,6 +6,8 @@ loads the backbone once (``cached_backbone``).
 
 from __future__ import annotations
 
+import dataclasses
+
 from prefect import task
 from prefect.cache_policies import INPUTS, NO_CACHE, TASK_SOURCE
 
@@ -46,9 +48,7 @@ def extract_shard(uri: str, created: str, chunks: list[int], spec: dict, source:
     store = FeatureStore.open(uri, mode="r+")
     stats = ex.extract_chunks(store, backbone, src, chunks, num_workers=num_workers, progress=progress,
                               desc=f"extract {source}")
-    return {"images": stats.images, "chunks": stats.chunks, "seconds": stats.seconds,
-            "forward_seconds": stats.forward_seconds, "input_seconds": stats.input_seconds,
-            "write_wait_seconds": stats.write_wait_seconds, "device_wait_seconds": stats.device_wait_seconds}
+    return dataclasses.asdict(stats)  # images, chunks and ex.TIMINGS
 
 
 @task(name="finalize-store", cache_policy=NO_CACHE)
@@ -57,6 +57,5 @@ def finalize_store(uri: str, shard_results: list[dict]) -> dict:
 
     store = FeatureStore.open(uri, mode="r+")
     store.finalize()
-    times = ("seconds", "forward_seconds", "input_seconds", "write_wait_seconds", "device_wait_seconds")
     return {"uri": uri, "count": store.count, "written_images": sum(r["images"] for r in shard_results),
-            **{k: sum(r.get(k, 0.0) for r in shard_results) for k in times}}
+            **{k: sum(r.get(k, 0.0) for r in shard_results) for k in ex.TIMINGS}}

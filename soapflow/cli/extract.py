@@ -76,7 +76,7 @@ def refit(
     from flows.refit import refit as refit_flow
     from flows.refit import quick_local_run
     from soapflow.errors import SoapError
-    from soapflow.extract import ExtractStats
+    from soapflow.extract import TIMINGS, ExtractStats
 
     if tau <= 0:
         raise SoapError(f"--tau must be > 0, got {tau}")
@@ -104,8 +104,7 @@ def refit(
     ext = result["extraction"]
     for kind in ("real", "synthetic"):
         e = ext[kind]
-        stats = ExtractStats(images=e["written_images"], **{k: e.get(k, 0.0) for k in (
-            "seconds", "forward_seconds", "input_seconds", "write_wait_seconds", "device_wait_seconds")})
+        stats = ExtractStats(images=e["written_images"], **{k: e.get(k, 0.0) for k in TIMINGS})
         console.print(f"{kind:9s} store: {e['uri']}  ({e['count']} images; {e['written_images']} extracted now"
                       + (f", {stats.images_per_second:.1f} img/s: {stats.breakdown()}" if stats.images else ", all reused")
                       + ")")
