@@ -2,8 +2,9 @@
 # The refit issue's GPU checks, as one script for a CUDA machine:
 #   1. the CUDA tests (nvJPEG decode, noise generators on CUDA, a CUDA extraction against a CPU one);
 #   2. benchmarks/refit.py with a random-weight ViT-B/16 at 224 px on --n JPEGs + as many noise
-#      images, bf16: pure forward vs extraction (goal ≥ 0.85×) and vs the whole `soap refit`;
-#      once at the default chunk (64 images) and once at 256.
+#      images, bf16: pure forward vs extraction (goal ≥ 0.85×; also without read-ahead, and with
+#      the two stores in two processes) and vs the whole `soap refit`; at the default chunk (64
+#      images), then extraction alone at 256.
 # Logs go to $OUT (default /tmp/soapflow-gpu-check). Packages the machine lacks (prefect, zarr,
 # dask, …) are installed from wheels in .whl/ when that folder exists, e.g. made with
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 … -d .whl prefect zarr dask
@@ -35,5 +36,6 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rs \
 for CHUNK in 64 256; do
   echo "== refit benchmark, chunk $CHUNK"
   timeout 240 python3 benchmarks/refit.py --device cuda --backbone vit_base_patch16_224 --weights random \
-    --jpegs --n "$N" --chunk "$CHUNK" --extraction 2>&1 | tee "$OUT/refit-chunk$CHUNK.log" | tail -12
+    --jpegs --n "$N" --chunk "$CHUNK" --extraction $([ "$CHUNK" = 64 ] || echo --no-refit) 2>&1 \
+    | tee "$OUT/refit-chunk$CHUNK.log" | tail -20
 done

@@ -89,7 +89,7 @@ def pure_forward(args, n: int, to_host: bool = False) -> tuple[float, int]:
     return time.perf_counter() - t, sum(len(b) for b in batches)
 
 
-def extraction(args, n: int, work: Path) -> tuple[float, list]:
+def extraction(args, n: int, work: Path, read_ahead: bool | None = None) -> tuple[float, list]:
     """Both stores extracted in this process as the refit flow's tasks do (one thread per store,
     the model already loaded): decode/generate → forward → write, without imports, Prefect or
     the fit. Returns the wall time and each store's `ExtractStats`."""
@@ -101,8 +101,34 @@ def extraction(args, n: int, work: Path) -> tuple[float, list]:
     with ThreadPoolExecutor(2) as pool:
         t = time.perf_counter()
         stats = list(pool.map(lambda k: extract_chunks(stores[k], bb, sources[k], num_workers=args.workers,
-                                                       progress=False), range(2)))
+                                                       progress=False, read_ahead=read_ahead), range(2)))
         return time.perf_counter() - t, stats
+
+
+def _extract_in_process(args, n: int, work: Path, k: int, barrier) -> tuple[float, float, object]:
+    from soapflow.extract import cached_source, extract_chunks, open_store_for
+
+    bb = backbone(key(args))
+    src = cached_source([args.data, f"noise:{args.generator}"][k], n, 0)
+    store = open_store_for(str(work / f"store{k}"), bb, src, chunk=args.chunk)
+    bb.tokens(src.batch(range(2), bb.image_size, bb.mean, bb.std, device=bb.device))  # warm-up
+    barrier.wait()
+    start = time.time()
+    stats = extract_chunks(store, bb, src, num_workers=args.workers, progress=False)
+    return start, time.time(), stats
+
+
+def extraction_in_processes(args, n: int, work: Path) -> tuple[float, list]:
+    """`extraction`, but the two stores in two processes of their own (each with its model, as on a
+    dask cluster of two workers): no GIL or Python threads shared. Timed from the moment both
+    have their model loaded."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA does not survive a fork
+    with ctx.Manager() as manager, ProcessPoolExecutor(2, mp_context=ctx) as pool:
+        barrier = manager.Barrier(2)
+        done = list(pool.map(_extract_in_process, [args] * 2, [n] * 2, [work] * 2, range(2), [barrier] * 2))
+    return max(end for _, end, _ in done) - min(start for start, _, _ in done), [st for _, _, st in done]
 
 
 def input_only(args, n: int) -> list[float]:
@@ -216,6 +242,7 @@ def main() -> None:
     ap.add_argument("--extraction", action="store_true",
                     help="also time both extractions in this process, without imports, Prefect or the fit "
                          "(the GPU check: extraction img/s vs pure-forward img/s)")
+    ap.add_argument("--no-refit", action="store_true", help="skip the `soap refit` runs (with --extraction)")
     ap.add_argument("--jpegs", action="store_true",
                     help="real images: --n JPEGs at 500x375 written to a temporary folder (decoded on the GPU with --device cuda)")
     args = ap.parse_args()
@@ -223,21 +250,31 @@ def main() -> None:
         jpeg_dir = tempfile.TemporaryDirectory(prefix="soapflow-bench-jpegs-")
         args.data = write_jpegs(Path(jpeg_dir.name), args.n)
 
-    # fixed part: a refit of one chunk per store, less the forward of those images
-    small = args.chunk
-    fixed = refit_wall(args, small)[0] - pure_forward(args, small)[0]
+    if args.no_refit and not args.extraction:
+        sys.exit("--no-refit leaves nothing to time without --extraction")
     # This machine's speed drifts by several % over minutes: every refit is timed between two
     # pure-forward runs and compared with their mean (both printed, to show the drift).
     forwards = [pure_forward(args, args.n)[0]]
-    rows = [("soap refit, Prefect temporary server", *refit_wall(args, args.n))]
-    forwards.append(pure_forward(args, args.n)[0])
-    if args.server_run:
+    rows = []
+    if not args.no_refit:
+        # fixed part: a refit of one chunk per store, less the forward of those images
+        small = args.chunk
+        fixed = refit_wall(args, small)[0] - pure_forward(args, small)[0]
+        rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n)))
+        forwards.append(pure_forward(args, args.n)[0])
+    if args.server_run and not args.no_refit:
         with prefect_server() as url:
             rows.append(("soap refit, running Prefect server", *refit_wall(args, args.n, api_url=url)))
         forwards.append(pure_forward(args, args.n)[0])
+    variants = []  # (label, wall, stats): the default, then what a GPU run should also be compared with
     if args.extraction:
         with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
-            extract_wall, extract_stats = extraction(args, args.n, Path(work))
+            variants.append(("extraction in-process, real ∥ synth", *extraction(args, args.n, Path(work))))
+        if args.device.startswith("cuda"):
+            with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
+                variants.append(("  the same, no read-ahead", *extraction(args, args.n, Path(work), read_ahead=False)))
+            with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
+                variants.append(("  the same, in two processes", *extraction_in_processes(args, args.n, Path(work))))
         inputs = input_only(args, args.n)
         forwards.append(pure_forward(args, args.n)[0])
     n_images = 2 * args.n
@@ -255,10 +292,11 @@ def main() -> None:
             print(f"{'':38s}  {line}")
     if args.extraction:
         base = (forwards[-2] + forwards[-1]) / 2
-        print(f"{'extraction in-process, real ∥ synth':38s}: {extract_wall:7.2f} s   {n_images / extract_wall:6.1f} img/s"
-              f"   {base / extract_wall:5.2f}× the pure forward's {n_images / base:.1f} img/s (goal ≥ 0.85× on a GPU)")
-        for name, st in zip(("real", "synthetic"), extract_stats):
-            print(f"{'':38s}  {name:9s}: {st.images} images, {st.images_per_second:.1f} img/s: {st.breakdown()}")
+        for label, wall, stats in variants:
+            print(f"{label:38s}: {wall:7.2f} s   {n_images / wall:6.1f} img/s   {base / wall:5.2f}× the pure "
+                  f"forward's {n_images / base:.1f} img/s (goal ≥ 0.85× on a GPU)")
+            for name, st in zip(("real", "synthetic"), stats):
+                print(f"{'':38s}  {name:9s}: {st.images} images, {st.images_per_second:.1f} img/s: {st.breakdown()}")
         print(f"{'input alone (no forward), real / synth':38s}: {inputs[0]:7.2f} / {inputs[1]:.2f} s   "
               f"{args.n / inputs[0]:6.1f} / {args.n / inputs[1]:.1f} img/s")
         if args.device.startswith("cuda"):

@@ -14,7 +14,7 @@ import contextlib
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -126,8 +126,14 @@ TIMINGS = tuple(f.name for f in fields(ExtractStats) if f.name.endswith("seconds
 
 
 def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | None = None, *,
-                   num_workers: int | None = None, progress: bool = True, desc: str | None = None) -> ExtractStats:
+                   num_workers: int | None = None, progress: bool = True, desc: str | None = None,
+                   read_ahead: bool | None = None) -> ExtractStats:
     """Fill the given chunks (default: all pending ones); already complete chunks are skipped.
+
+    ``read_ahead`` (default: on a GPU) makes the next chunk's images in a thread of their own
+    while this chunk's forward pass runs: there nvJPEG decoding and noise generation would
+    otherwise wait for the forward, and the forward for them. On a CPU they would only take
+    cores from the forward (there they hold the device lock instead).
 
     Holds the store's lease shared: shards of one run fill chunks side by side, while a
     concurrent exclusive writer (``extract`` or creating the store) is refused."""
@@ -144,15 +150,20 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
         dtype = getattr(torch, str(store.tokens.dtype))  # float16 or float32
         ranges = [store.chunk_range(c) for c in todo]
         lock = _WaitedLock(_DEVICE_LOCKS[str(device)])
-        loader = _loader(source, ranges, backbone, num_workers, device, lock)
+        if read_ahead is None:
+            read_ahead = not str(device).startswith("cpu")
+        # (a loader reading ahead waits for the lock in its own thread, uncounted: this thread's
+        # waits are what "device busy" reports)
+        loader = _loader(source, ranges, backbone, num_workers, device, None if read_ahead else lock)
+        loader = contextlib.closing(_read_ahead(loader) if read_ahead else loader)
         bar = tqdm(total=sum(len(r) for r in ranges), desc=desc or f"extract {source.spec}", unit="img",
                    disable=not progress, smoothing=0.1)
         start = time.perf_counter()
         try:  # close the bar even on failure: an error message then starts on a line of its own
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer:
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer, loader as chunks_in:
                 in_flight: list[Future] = []
                 t = time.perf_counter()
-                for position, images in loader:
+                for position, images in chunks_in:
                     waited = lock.waited()  # (noise is made, and CPUs decode, holding the lock)
                     stats.input_seconds += time.perf_counter() - t - waited
                     stats.device_wait_seconds += waited
@@ -203,6 +214,29 @@ def _forward_to_host(backbone, images, dtype):
     done = torch.cuda.Event()
     done.record(torch.cuda.current_stream(tokens.device))
     return host.numpy(), lambda: done.synchronize() or bool(finite)
+
+
+_END = object()
+
+
+def _read_ahead(items):
+    """Iterate ``items`` one item ahead, in a thread of its own: the next item is being made
+    while the caller works on this one. (On CUDA the two threads share the default stream, so
+    the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL.)"""
+    it = iter(items)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        upcoming = pool.submit(next, it, _END)
+        try:
+            while (item := upcoming.result()) is not _END:
+                upcoming = pool.submit(next, it, _END)
+                yield item
+        finally:
+            # stopped early (an error downstream): let the item being made finish, then close
+            # the source, so its DataLoader workers stop now and not at garbage collection
+            wait([upcoming])
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
 
 class _WaitedLock:

@@ -101,6 +101,86 @@ def test_decode_processes_give_the_same_store(tmp_path, monkeypatch):
     np.testing.assert_array_equal(here.tokens[:], procs.tokens[:])
 
 
+def test_read_ahead_makes_the_next_chunk_during_the_forward_and_gives_the_same_store(tmp_path, bb, monkeypatch):
+    # read-ahead (the default on a GPU), forced on here: while chunk k's forward runs, the loader is
+    # already making chunk k+1 in its own thread. Each forward waits for that to start; serially
+    # (read_ahead=False) it never would, and the test would fail on the timeout.
+    import threading
+
+    import soapflow.extract as ex
+
+    started = {}
+    loader, tokens = ex._loader, bb.tokens
+
+    def watched_loader(*args):
+        it = loader(*args)
+        for k in range(len(args[1])):
+            started.setdefault(k, threading.Event()).set()
+            yield next(it)
+
+    forwards = []
+
+    def forward(x):
+        k = len(forwards)
+        forwards.append(threading.current_thread().name)
+        if k + 1 < 3:  # 3 chunks
+            assert started.setdefault(k + 1, threading.Event()).wait(10), f"chunk {k + 1} not begun during forward {k}"
+        return tokens(x)
+
+    for spec in ("photos", "noise:mixture"):
+        src = cached_source(spec, 10, 0)
+        plain = open_store_for(str(tmp_path / f"plain-{spec}"), bb, src, chunk=4)
+        extract_chunks(plain, bb, src, progress=False, read_ahead=False)
+        started.clear()
+        forwards.clear()
+        monkeypatch.setattr(ex, "_loader", watched_loader)
+        monkeypatch.setattr(bb, "tokens", forward)
+        ahead = open_store_for(str(tmp_path / f"ahead-{spec}"), bb, src, chunk=4)
+        stats = extract_chunks(ahead, bb, src, progress=False, read_ahead=True)
+        monkeypatch.undo()
+        assert stats.chunks == 3 and ahead.pending_chunks() == [] and len(forwards) == 3
+        assert not any(name.startswith("read-ahead") for name in forwards)  # forwards stay in this thread
+        np.testing.assert_array_equal(ahead.tokens[:], plain.tokens[:])
+
+
+@pytest.mark.parametrize("fail", ["decode", "write"])
+def test_read_ahead_failure_stops_the_decode_workers(tmp_path, bb, monkeypatch, fail):
+    # a file changed after the scan (decoding fails in a worker), or a disk that fails: the error
+    # comes out as it would without read-ahead, the chunks before it are kept, and the DataLoader
+    # worker processes are gone when extract_chunks returns, not at garbage collection
+    import multiprocessing
+    import shutil
+
+    from soapflow.errors import SoapError
+
+    photos = cached_source("photos", 8, 0)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for k, path in enumerate(photos.paths):
+        shutil.copy(path, folder / f"{k:02d}{os.path.splitext(path)[1]}")
+    src = cached_source(str(folder), None, 0)
+    store = open_store_for(str(tmp_path / "s"), bb, src, chunk=1)
+    if fail == "decode":
+        victim = src.paths[5]
+        with open(victim, "r+b") as f:  # same size, garbage inside: passes the resume checks, fails to decode
+            f.write(b"\0" * os.path.getsize(victim))
+        expected = re.escape(victim)
+    else:
+        write = store.write_chunk
+        # chunk 1 fails; that surfaces two chunks later, with four still to decode
+        monkeypatch.setattr(store, "write_chunk", lambda i, t, **kw: 1 / 0 if i == 1 else write(i, t, **kw))
+        expected = "division by zero"
+    try:
+        extract_chunks(store, bb, src, num_workers=1, progress=False, read_ahead=True)
+    except (SoapError, ZeroDivisionError) as e:  # (while its traceback, and its frames, are alive)
+        assert re.search(expected, str(e)), e
+        assert multiprocessing.active_children() == []
+    else:
+        pytest.fail("no error")
+    pending = store.pending_chunks()
+    assert 0 not in pending and (5 in pending if fail == "decode" else 1 in pending), pending
+
+
 def test_interrupted_extraction_resumes_identically(tmp_path, bb):
     full, _ = extract(**TINY, source_spec="noise:mixture", out=str(tmp_path / "full"), n=22, chunk=5, progress=False)
     src = cached_source("noise:mixture", 22, 0)
