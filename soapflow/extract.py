@@ -86,13 +86,14 @@ def source_fingerprint(source) -> str:
 
 
 def open_store_for(uri: str, backbone, source, *, chunk: int = DEFAULT_CHUNK, dtype: str = "float16",
-                   storage_options: dict | None = None) -> FeatureStore:
-    """Create the store for (backbone, source), or reopen it to resume."""
+                   storage_options: dict | None = None, compress: bool = False) -> FeatureStore:
+    """Create the store for (backbone, source), or reopen it to resume (as it was created:
+    ``compress`` only applies to a new store)."""
     if len(source) == 0:
         raise SoapError(f"source {source.spec} has no usable images ({len(source.skipped)} skipped)")
     return FeatureStore.create(
         uri, count=len(source), grid=backbone.grid, dim=backbone.dim, chunk=chunk, dtype=dtype,
-        attrs=store_attributes(backbone, source, dtype), storage_options=storage_options,
+        attrs=store_attributes(backbone, source, dtype), storage_options=storage_options, compress=compress,
     )
 
 
@@ -294,13 +295,16 @@ def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
 def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | None = None, layer: int = -1,
             feature: str = "out", n: int | None = None, image_size: int | None = None,
             chunk: int = DEFAULT_CHUNK, seed: int = 0, dtype: str = "float16", device: str | None = None,
-            num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True):
-    """Extract one complete feature store; returns ``(store, stats)``."""
+            num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True,
+            compress: bool = False):
+    """Extract one complete feature store; returns ``(store, stats)``. ``compress``: zstd on the
+    tokens (a new store only)."""
     backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device or default_device())
     source = cached_source(source_spec, n, seed)
     # one extraction per store at a time: a second one refuses at once, naming the first
     with store_lease(out, storage_options):
-        store = open_store_for(out, backbone, source, chunk=chunk, dtype=dtype, storage_options=storage_options)
+        store = open_store_for(out, backbone, source, chunk=chunk, dtype=dtype, storage_options=storage_options,
+                               compress=compress)
         stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress)
         store.finalize(count=store.count)
     return store, stats

@@ -217,6 +217,13 @@ def test_cli_extract_and_bad_backbone(tmp_path):
     assert re.search(r"wrote 6 images in 2 chunks \([\d.]+ img/s: forward \d+ % · input \d+ % · disk \d+ % · "
                      r"device busy \d+ %\)",
                      ok.stdout), ok.stdout
+    assert "(uncompressed)" in ok.stdout
+    packed = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--source",
+                 "noise:pink", "--n", "6", "--chunk", "4", "--out", str(tmp_path / "z"), "--compress")
+    assert packed.returncode == 0 and "(ZstdCodec)" in packed.stdout, packed.stderr
+    z, s = open_store(str(tmp_path / "z")), open_store(str(tmp_path / "s"))
+    assert [type(c).__name__ for c in z.tokens.compressors] == ["ZstdCodec"] and s.tokens.compressors == ()
+    np.testing.assert_array_equal(z.tokens[:], s.tokens[:])
     bad = run("--backbone", "vit_nonexistent_9000", "--source", "photos", "--out", str(tmp_path / "b"))
     assert bad.returncode == 2 and "vit_nonexistent_9000" in bad.stderr and "Traceback" not in bad.stderr
     nonoise = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--source", "noise:pink",

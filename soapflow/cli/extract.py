@@ -24,6 +24,8 @@ def extract(
     dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
     workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes (default: 0 on CPU, 1 on GPU).")] = None,
+    compress: Annotated[bool, typer.Option(help="zstd on the tokens of a new store: float16 tokens shrink only to "
+                                                "~92 % and the fit reads ~5 % slower, but an object store may bill by the byte.")] = False,
 ) -> None:
     """Extract patch tokens of one image source into a feature store."""
     from rich.console import Console
@@ -32,10 +34,11 @@ def extract(
 
     store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
                                image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                               num_workers=workers)
+                               num_workers=workers, compress=compress)
     attrs = store.attrs
     console = Console(soft_wrap=True)
-    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype}")
+    codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
+    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs})")
     console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s: "
                   f"{stats.breakdown()}); skipped files: {attrs.get('n_skipped', 0)}")
     for item in (attrs.get("skipped") or [])[:10]:
