@@ -148,6 +148,7 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
         if not todo:
             return stats
         device = backbone.device
+        _note_decoder(store, source, backbone)
         dtype = getattr(torch, str(store.tokens.dtype))  # float16 or float32
         ranges = [store.chunk_range(c) for c in todo]
         lock = _WaitedLock(_DEVICE_LOCKS[str(device)])
@@ -192,6 +193,18 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
             bar.close()
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _note_decoder(store: FeatureStore, source, backbone) -> None:
+    """Add what decodes this run's images to the store's ``decoded_by`` before writing a chunk: a
+    store resumed on another device has some chunks from each (nvJPEG and Pillow differ by
+    ~0.5 grey levels on average)."""
+    from soapflow.sources import decoder_name
+
+    name = decoder_name(source, backbone.device, backbone.interpolation or "bicubic")
+    known = list(store.attrs.get("decoded_by") or [])
+    if name is not None and name not in known:
+        store.note(decoded_by=sorted([*known, name]))
 
 
 def _forward_to_host(backbone, images, dtype):

@@ -839,6 +839,22 @@ def list_sources() -> list[dict]:
 # ------------------------------------------------------------------ chunk loader
 
 
+def decodes_on_device(source: Source, device, interpolation: str) -> bool:
+    """Whether ``chunk_loader`` decodes ``source``'s JPEGs on ``device`` by default: image files on
+    CUDA (nvJPEG), when the resize is one torch does on tensors."""
+    return (isinstance(source, FileSource) and torch.device(device).type == "cuda"
+            and interpolation in TENSOR_INTERPOLATIONS)
+
+
+def decoder_name(source: Source, device, interpolation: str) -> str | None:
+    """What decodes ``source``'s files in ``chunk_loader`` (a store's ``decoded_by``): "pillow",
+    or "decode_jpeg:cuda" (torchvision's on that device type: nvJPEG; files other than plain
+    JPEGs still go to Pillow); None for sources that are not files."""
+    if not isinstance(source, FileSource):
+        return None
+    return f"decode_jpeg:{torch.device(device).type}" if decodes_on_device(source, device, interpolation) else "pillow"
+
+
 def _clean_worker_error(e: SoapError) -> SoapError:
     """DataLoader re-raises worker errors with the traceback in the message; keep the last line."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
@@ -885,8 +901,7 @@ def chunk_loader(
         return
     dataset = source.dataset(image_size, mean, std, interpolation)
     if device_decode is None:  # on CUDA, for image files
-        device_decode = (torch.device(device).type == "cuda" and interpolation in TENSOR_INTERPOLATIONS
-                         and isinstance(dataset, FileImageDataset))
+        device_decode = decodes_on_device(source, device, interpolation) and isinstance(dataset, FileImageDataset)
     if device_decode:
         if not isinstance(dataset, FileImageDataset):
             raise SoapError(f"source {source.spec} has no image files to decode on the device")

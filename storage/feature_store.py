@@ -616,6 +616,13 @@ class FeatureStore:
             f"{'free some space' if full else 'fix the cause'} and rerun the same command to resume"
         )
 
+    def note(self, **attrs) -> None:
+        """Record attributes learnt while writing (e.g. what decoded the images)."""
+        try:
+            self.group.attrs.update(attrs)
+        except Exception as exc:
+            raise SoapError(self._write_failure("cannot record its attributes", exc)) from exc
+
     def finalize(self, **attrs) -> None:
         """Record completion time and any summary attributes once every chunk is written."""
         pending = self.pending_chunks()

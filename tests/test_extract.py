@@ -35,6 +35,7 @@ def test_store_holds_backbone_tokens_with_provenance(tmp_path, bb):
     assert attrs["layer"] == 11 and attrs["grid"] == [4, 4] and attrs["dim"] == 192
     assert attrs["image_size"] == 64 and attrs["source"]["spec"] == "photos" and attrs["count"] == 10
     assert len(attrs["fingerprint"]) == 64 and "completed" in attrs and attrs["soapflow_version"]
+    assert attrs["decoded_by"] == ["pillow"]
     assert 0 < stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds
     assert re.fullmatch(r"forward \d+ % · input \d+ % · disk \d+ % · device busy \d+ %", stats.breakdown())
 
@@ -191,6 +192,21 @@ def test_interrupted_extraction_resumes_identically(tmp_path, bb):
                              progress=False)
     assert stats.chunks == 3 and stats.images == 12  # only the missing chunks were redone
     np.testing.assert_array_equal(resumed.tokens[:], full.tokens[:])
+    assert "decoded_by" not in resumed.attrs  # nothing decoded from files
+
+
+def test_store_records_every_decoder_that_wrote_it(tmp_path, bb, monkeypatch):
+    # begun with Pillow (a CPU), resumed where JPEGs are decoded on the device (as on a GPU; here
+    # torchvision's decode_jpeg on the CPU): the store says both
+    import soapflow.sources as sources
+
+    src = cached_source("photos", 10, 0)
+    store = open_store_for(str(tmp_path / "s"), bb, src, chunk=4)
+    extract_chunks(store, bb, src, [0], progress=False)
+    assert store.attrs["decoded_by"] == ["pillow"]
+    monkeypatch.setattr(sources, "decodes_on_device", lambda *a: True)
+    extract_chunks(store, bb, src, progress=False)
+    assert store.pending_chunks() == [] and store.attrs["decoded_by"] == ["decode_jpeg:cpu", "pillow"]
 
 
 def test_unreadable_files_are_skipped_and_listed(tmp_path):
@@ -302,6 +318,8 @@ def test_cuda_extraction_matches_cpu(tmp_path):
         store = open_store_for(str(tmp_path / f"{device}{k}"), bb, src, chunk=5)
         extract_chunks(store, bb, src, num_workers=1, progress=False)
         assert store.pending_chunks() == []
+        assert store.attrs.get("decoded_by") == ([f"decode_jpeg:{device}" if device == "cuda" else "pillow"]
+                                                 if k == 0 else None)
         return store.tokens[:].astype(np.float32).reshape(12, -1)
 
     cpu = [tokens("cpu", k) for k in range(2)]
