@@ -171,11 +171,12 @@ def test_read_ahead_failure_stops_the_decode_workers(tmp_path, bb, monkeypatch, 
         # chunk 1 fails; that surfaces two chunks later, with four still to decode
         monkeypatch.setattr(store, "write_chunk", lambda i, t, **kw: 1 / 0 if i == 1 else write(i, t, **kw))
         expected = "division by zero"
+    others = set(multiprocessing.active_children())  # (a cluster another test left running)
     try:
         extract_chunks(store, bb, src, num_workers=1, progress=False, read_ahead=True)
     except (SoapError, ZeroDivisionError) as e:  # (while its traceback, and its frames, are alive)
         assert re.search(expected, str(e)), e
-        assert multiprocessing.active_children() == []
+        assert set(multiprocessing.active_children()) <= others
     else:
         pytest.fail("no error")
     pending = store.pending_chunks()
