@@ -144,6 +144,28 @@ def test_read_ahead_makes_the_next_chunk_during_the_forward_and_gives_the_same_s
         np.testing.assert_array_equal(ahead.tokens[:], plain.tokens[:])
 
 
+def test_read_ahead_decode_workers_exit_cleanly(tmp_path, bb, monkeypatch):
+    # DataLoader workers forked from a ThreadPoolExecutor's thread exit with code 1, which torch's
+    # SIGCHLD handler (installed by any DataLoader iterated in the main thread before) raises in
+    # the main thread as "worker exited unexpectedly": read-ahead's workers must exit with 0
+    from torch.utils.data import dataloader
+
+    workers, shutdown = {}, dataloader._MultiProcessingDataLoaderIter._shutdown_workers
+
+    def spy(self):  # (called at the end of the iteration, and again by chunk_loader)
+        workers.update((w.pid, w) for w in self._workers)
+        shutdown(self)
+
+    monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", spy)
+    src = cached_source("photos", 6, 0)
+    store = open_store_for(str(tmp_path / "s"), bb, src, chunk=2)
+    stats = extract_chunks(store, bb, src, num_workers=2, progress=False, read_ahead=True)
+    assert stats.chunks == 3 and len(workers) == 2
+    for w in workers.values():
+        w.join(10)
+        assert w.exitcode == 0, (w, w.exitcode)
+
+
 @pytest.mark.parametrize("fail", ["decode", "write"])
 def test_read_ahead_failure_stops_the_decode_workers(tmp_path, bb, monkeypatch, fail):
     # a file changed after the scan (decoding fails in a worker), or a disk that fails: the error
