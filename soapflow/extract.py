@@ -237,11 +237,7 @@ _END = object()
 def _read_ahead(items):
     """Iterate ``items`` one item ahead, in a thread of its own: the next item is being made
     while the caller works on this one. (On CUDA the two threads share the default stream, so
-    the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL.)
-
-    A plain thread, not a ThreadPoolExecutor's: DataLoader workers forked from an executor's
-    thread exit with code 1 (in the child, concurrent.futures' exit hook joins that very
-    thread), which torch's SIGCHLD handler reports as a crashed worker."""
+    the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL.)"""
     it = iter(items)
     requests, results = queue.SimpleQueue(), queue.SimpleQueue()
 

@@ -37,6 +37,7 @@ import json
 import os
 import re
 import struct
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -855,6 +856,28 @@ def decoder_name(source: Source, device, interpolation: str) -> str | None:
     return f"decode_jpeg:{torch.device(device).type}" if decodes_on_device(source, device, interpolation) else "pillow"
 
 
+def _start_workers(loader: torch.utils.data.DataLoader):
+    """``iter(loader)``, which forks its worker processes, called from a plain thread of its own.
+    Workers forked from a ThreadPoolExecutor's thread (Prefect's task threads, for one) exit with
+    code 1 (in the child, concurrent.futures' exit hook joins that very thread), which torch's
+    SIGCHLD handler, once any DataLoader in the main thread has installed it, raises in the main
+    thread as a crashed worker."""
+    started: dict = {}
+
+    def start():
+        try:
+            started["it"] = iter(loader)
+        except BaseException as e:  # noqa: BLE001 — raised below, in the caller's thread
+            started["error"] = e
+
+    thread = threading.Thread(target=start, name="dataloader-start")
+    thread.start()
+    thread.join()
+    if "error" in started:
+        raise started["error"]
+    return started["it"]
+
+
 def _clean_worker_error(e: SoapError) -> SoapError:
     """DataLoader re-raises worker errors with the traceback in the message; keep the last line."""
     lines = [ln for ln in str(e).strip().splitlines() if ln.strip()]
@@ -920,7 +943,7 @@ def chunk_loader(
         # pinned batches go to a GPU asynchronously, while it runs the previous chunk
         pin_memory=torch.device(device).type == "cuda" and not device_decode,
     )
-    it = iter(loader)
+    it = _start_workers(loader) if num_workers > 0 else iter(loader)
     try:
         for ci, c in enumerate(chunks):
             if not len(c):

@@ -144,10 +144,14 @@ def test_read_ahead_makes_the_next_chunk_during_the_forward_and_gives_the_same_s
         np.testing.assert_array_equal(ahead.tokens[:], plain.tokens[:])
 
 
-def test_read_ahead_decode_workers_exit_cleanly(tmp_path, bb, monkeypatch):
-    # DataLoader workers forked from a ThreadPoolExecutor's thread exit with code 1, which torch's
-    # SIGCHLD handler (installed by any DataLoader iterated in the main thread before) raises in
-    # the main thread as "worker exited unexpectedly": read-ahead's workers must exit with 0
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_decode_workers_exit_cleanly_from_any_thread(tmp_path, bb, monkeypatch, read_ahead):
+    # DataLoader workers forked from a ThreadPoolExecutor's thread (read-ahead's, Prefect's task
+    # threads) exit with code 1, which torch's SIGCHLD handler (installed by any DataLoader
+    # iterated in the main thread before) raises in the main thread as "worker exited
+    # unexpectedly": the workers must exit with 0, here called from an executor's thread
+    from concurrent.futures import ThreadPoolExecutor
+
     from torch.utils.data import dataloader
 
     workers, shutdown = {}, dataloader._MultiProcessingDataLoaderIter._shutdown_workers
@@ -159,7 +163,9 @@ def test_read_ahead_decode_workers_exit_cleanly(tmp_path, bb, monkeypatch):
     monkeypatch.setattr(dataloader._MultiProcessingDataLoaderIter, "_shutdown_workers", spy)
     src = cached_source("photos", 6, 0)
     store = open_store_for(str(tmp_path / "s"), bb, src, chunk=2)
-    stats = extract_chunks(store, bb, src, num_workers=2, progress=False, read_ahead=True)
+    with ThreadPoolExecutor(1) as task_thread:
+        stats = task_thread.submit(extract_chunks, store, bb, src, num_workers=2, progress=False,
+                                   read_ahead=read_ahead).result()
     assert stats.chunks == 3 and len(workers) == 2
     for w in workers.values():
         w.join(10)
