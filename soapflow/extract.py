@@ -11,11 +11,10 @@ the source and its index, a resumed store is identical to an uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import queue
 import threading
 import time
 from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -237,37 +236,22 @@ _END = object()
 def _read_ahead(items):
     """Iterate ``items`` one item ahead, in a thread of its own: the next item is being made
     while the caller works on this one. (On CUDA the two threads share the default stream, so
-    the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL.)"""
+    the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL. DataLoader
+    workers are forked from a plain thread all the same: see ``sources._start_workers``.)"""
     it = iter(items)
-    requests, results = queue.SimpleQueue(), queue.SimpleQueue()
-
-    def produce():
-        while requests.get():
-            try:
-                results.put((next(it, _END), None))
-            except BaseException as e:  # noqa: BLE001 — handed to the caller, raised there
-                results.put((None, e))
-
-    thread = threading.Thread(target=produce, name="read-ahead", daemon=True)
-    thread.start()
-    requests.put(True)
-    try:
-        while True:
-            item, error = results.get()
-            if error is not None:
-                raise error
-            if item is _END:
-                return
-            requests.put(True)
-            yield item
-    finally:
-        # stopped early (an error downstream): let the item being made finish, then close the
-        # source, so its DataLoader workers stop now and not at garbage collection
-        requests.put(False)
-        thread.join()
-        close = getattr(it, "close", None)
-        if close is not None:
-            close()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
+        upcoming = pool.submit(next, it, _END)
+        try:
+            while (item := upcoming.result()) is not _END:
+                upcoming = pool.submit(next, it, _END)
+                yield item
+        finally:
+            # stopped early (an error downstream): let the item being made finish, then close
+            # the source, so its DataLoader workers stop now and not at garbage collection
+            wait([upcoming])
+            close = getattr(it, "close", None)
+            if close is not None:
+                close()
 
 
 class _WaitedLock:
