@@ -2,16 +2,20 @@
 # The refit issue's GPU checks, as one script for a CUDA machine:
 #   1. the CUDA tests (nvJPEG decode, noise generators on CUDA, a CUDA extraction against a CPU one);
 #   2. benchmarks/refit.py with a random-weight ViT-B/16 at 224 px on --n JPEGs + as many noise
-#      images, bf16: pure forward vs extraction (goal ≥ 0.85×; also without read-ahead, and with
-#      the two stores in two processes) and vs the whole `soap refit`; at the default chunk (64
-#      images), then extraction alone at 256.
+#      images, bf16: pure forward vs extraction (goal ≥ 0.85×; also without read-ahead, with
+#      the two stores in two processes, and with 2 and 4 decode processes) and vs the whole
+#      `soap refit`, at the default chunk (64 images); then extraction alone at chunk 256 on
+#      N2 JPEGs + as many noise images (default 8000: at ~8k img/s a forward of 2000 + 2000
+#      takes half a second, so starting the decode workers and filling the pipeline weigh on
+#      the ratio; this run shows the rate a long extraction keeps).
 # Logs go to $OUT (default /tmp/soapflow-gpu-check). Packages the machine lacks (prefect, zarr,
 # dask, …) are installed from wheels in .whl/ when that folder exists, e.g. made with
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 … -d .whl prefect zarr dask
-#   bash benchmarks/gpu_check.sh [N]
+#   bash benchmarks/gpu_check.sh [N [N2]]
 set -u
 cd "$(dirname "$0")/.."
 N=${1:-2000}
+N2=${2:-8000}
 OUT=${OUT:-/tmp/soapflow-gpu-check}
 mkdir -p "$OUT"
 if [ -d .whl ]; then
@@ -33,9 +37,9 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider -rs \
   tests/test_sources.py tests/test_noise_generators.py tests/test_extract.py \
   -k "cuda or nvjpeg or device_decode or transform_pixels" 2>&1 | tee "$OUT/pytest.log" | tail -15
 
-for CHUNK in 64 256; do
-  echo "== refit benchmark, chunk $CHUNK"
+for RUN in "64 $N" "256 $N2 --no-refit"; do
+  set -- $RUN
+  echo "== refit benchmark, chunk $1, $2 JPEGs"
   timeout 240 python3 benchmarks/refit.py --device cuda --backbone vit_base_patch16_224 --weights random \
-    --jpegs --n "$N" --chunk "$CHUNK" --extraction $([ "$CHUNK" = 64 ] || echo --no-refit) 2>&1 \
-    | tee "$OUT/refit-chunk$CHUNK.log" | tail -20
+    --jpegs --n "$2" --chunk "$1" --extraction ${3:-} 2>&1 | tee "$OUT/refit-chunk$1.log" | tail -24
 done

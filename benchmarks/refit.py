@@ -245,7 +245,12 @@ def main() -> None:
     ap.add_argument("--no-refit", action="store_true", help="skip the `soap refit` runs (with --extraction)")
     ap.add_argument("--jpegs", action="store_true",
                     help="real images: --n JPEGs at 500x375 written to a temporary folder (decoded on the GPU with --device cuda)")
+    ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
+                    help="with --extraction, also time it without read-ahead, in two processes and with 2 and 4 "
+                         "decode processes (default: on a GPU)")
     args = ap.parse_args()
+    if args.variants is None:
+        args.variants = args.device.startswith("cuda")
     if args.jpegs:
         jpeg_dir = tempfile.TemporaryDirectory(prefix="soapflow-bench-jpegs-")
         args.data = write_jpegs(Path(jpeg_dir.name), args.n)
@@ -270,11 +275,16 @@ def main() -> None:
     if args.extraction:
         with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
             variants.append(("extraction in-process, real ∥ synth", *extraction(args, args.n, Path(work))))
-        if args.device.startswith("cuda"):
+        if args.variants:
             with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
                 variants.append(("  the same, no read-ahead", *extraction(args, args.n, Path(work), read_ahead=False)))
             with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
                 variants.append(("  the same, in two processes", *extraction_in_processes(args, args.n, Path(work))))
+            for workers in sorted({2, 4} - {args.workers}):  # is one decode process the real store's limit?
+                with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
+                    variants.append((f"  the same, --workers {workers}",
+                                     *extraction(argparse.Namespace(**{**vars(args), "workers": workers}),
+                                                 args.n, Path(work))))
         inputs = input_only(args, args.n)
         forwards.append(pure_forward(args, args.n)[0])
     n_images = 2 * args.n
