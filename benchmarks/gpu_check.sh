@@ -9,8 +9,8 @@
 #      takes half a second, so starting the decode workers and filling the pipeline weigh on
 #      the ratio; this run shows the rate a long extraction keeps).
 # Logs go to $OUT (default /tmp/soapflow-gpu-check). Packages the machine lacks (prefect, zarr,
-# dask, …) are installed from wheels in .whl/ when that folder exists, e.g. made with
-#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 … -d .whl prefect zarr dask
+# dask, …) are installed from wheels in .whl/ when that folder exists (benchmarks/device_wheels.sh
+# makes it, ~54 MB, before the run):
 #   bash benchmarks/gpu_check.sh [N [N2]]
 set -u
 cd "$(dirname "$0")/.."
