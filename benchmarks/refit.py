@@ -89,18 +89,21 @@ def pure_forward(args, n: int, to_host: bool = False) -> tuple[float, int]:
     return time.perf_counter() - t, sum(len(b) for b in batches)
 
 
-def extraction(args, n: int, work: Path, read_ahead: bool | None = None) -> tuple[float, list]:
+def extraction(args, n: int, work: Path, read_ahead: bool | None = None,
+               workers: int | None = None) -> tuple[float, list]:
     """Both stores extracted in this process as the refit flow's tasks do (one thread per store,
     the model already loaded): decode/generate → forward → write, without imports, Prefect or
-    the fit. Returns the wall time and each store's `ExtractStats`."""
+    the fit. ``workers``: decode processes, if not ``--workers``. Returns the wall time and each
+    store's `ExtractStats`."""
     from soapflow.extract import cached_source, extract_chunks, open_store_for
 
+    workers = args.workers if workers is None else workers
     bb = backbone(key(args))
     sources = [cached_source(args.data, n, 0), cached_source(f"noise:{args.generator}", n, 0)]
     stores = [open_store_for(str(work / f"store{k}"), bb, src, chunk=args.chunk) for k, src in enumerate(sources)]
     with ThreadPoolExecutor(2) as pool:
         t = time.perf_counter()
-        stats = list(pool.map(lambda k: extract_chunks(stores[k], bb, sources[k], num_workers=args.workers,
+        stats = list(pool.map(lambda k: extract_chunks(stores[k], bb, sources[k], num_workers=workers,
                                                        progress=False, read_ahead=read_ahead), range(2)))
         return time.perf_counter() - t, stats
 
@@ -273,18 +276,16 @@ def main() -> None:
         forwards.append(pure_forward(args, args.n)[0])
     variants = []  # (label, wall, stats): the default, then what a GPU run should also be compared with
     if args.extraction:
-        with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
-            variants.append(("extraction in-process, real ∥ synth", *extraction(args, args.n, Path(work))))
+        runs = [("extraction in-process, real ∥ synth", lambda work: extraction(args, args.n, work))]
         if args.variants:
+            runs += [("  the same, no read-ahead", lambda work: extraction(args, args.n, work, read_ahead=False)),
+                     ("  the same, in two processes", lambda work: extraction_in_processes(args, args.n, work))]
+            # is one decode process the real store's limit?
+            runs += [(f"  the same, --workers {w}", lambda work, w=w: extraction(args, args.n, work, workers=w))
+                     for w in sorted({2, 4} - {args.workers})]
+        for label, run in runs:
             with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
-                variants.append(("  the same, no read-ahead", *extraction(args, args.n, Path(work), read_ahead=False)))
-            with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
-                variants.append(("  the same, in two processes", *extraction_in_processes(args, args.n, Path(work))))
-            for workers in sorted({2, 4} - {args.workers}):  # is one decode process the real store's limit?
-                with tempfile.TemporaryDirectory(prefix="soapflow-bench-extract-") as work:
-                    variants.append((f"  the same, --workers {workers}",
-                                     *extraction(argparse.Namespace(**{**vars(args), "workers": workers}),
-                                                 args.n, Path(work))))
+                variants.append((label, *run(Path(work))))
         inputs = input_only(args, args.n)
         forwards.append(pure_forward(args, args.n)[0])
     n_images = 2 * args.n
