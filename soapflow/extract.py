@@ -138,19 +138,34 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
 
     Holds the store's lease shared: shards of one run fill chunks side by side, while a
     concurrent exclusive writer (``extract`` or creating the store) is refused."""
+    return _fill({None: store}, backbone, source, chunks, num_workers=num_workers, progress=progress, desc=desc,
+                 read_ahead=read_ahead)
+
+
+def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_workers: int | None, progress: bool,
+          desc: str | None, read_ahead: bool | None) -> ExtractStats:
+    """``extract_chunks`` for one forward pass feeding several stores: ``stores`` maps a block
+    index to its store (``{None: store}``: the backbone's own block, through ``backbone.tokens``).
+    The stores share the source and the chunking; a chunk is written where it is pending."""
     import torch
     from tqdm.auto import tqdm
 
-    with store_lease(store.uri, store.storage_options, shared=True):
-        pending = set(store.pending_chunks())
-        todo = [c for c in (chunks if chunks is not None else sorted(pending)) if c in pending]
+    with contextlib.ExitStack() as held:
+        for store in stores.values():
+            held.enter_context(store_lease(store.uri, store.storage_options, shared=True))
+        pending = {key: set(store.pending_chunks()) for key, store in stores.items()}
+        anywhere = set().union(*pending.values())
+        todo = [c for c in (chunks if chunks is not None else sorted(anywhere)) if c in anywhere]
         stats = ExtractStats()
         if not todo:
             return stats
         device = backbone.device
-        _note_decoder(store, source, backbone)
-        dtype = getattr(torch, str(store.tokens.dtype))  # float16 or float32
-        ranges = [store.chunk_range(c) for c in todo]
+        first = next(iter(stores.values()))
+        for store in stores.values():
+            _note_decoder(store, source, backbone)
+        dtype = getattr(torch, str(first.tokens.dtype))  # float16 or float32
+        layers = None if None in stores else sorted(stores)
+        ranges = [first.chunk_range(c) for c in todo]
         lock = _WaitedLock(_DEVICE_LOCKS[str(device)])
         if read_ahead is None:
             read_ahead = not str(device).startswith("cpu")
@@ -171,21 +186,24 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
                     stats.device_wait_seconds += waited
                     t = time.perf_counter()
                     with lock:
-                        tokens, copied = _forward_to_host(backbone, images, dtype)
-                    finite = copied()  # outside the lock: the other extraction queues its work meanwhile
+                        outputs = _forward_to_host(backbone, images, dtype, layers)
+                    c = todo[position]
+                    for key, (tokens, copied) in outputs.items():
+                        finite = copied()  # outside the lock: the other extraction queues its work meanwhile
+                        if c in pending[key]:
+                            in_flight.append(writer.submit(stores[key].write_chunk, c, tokens,
+                                                           finite_before_cast=finite))
                     waited = lock.waited()
                     stats.forward_seconds += time.perf_counter() - t - waited
                     stats.device_wait_seconds += waited
-                    in_flight.append(writer.submit(store.write_chunk, todo[position], tokens,
-                                                   finite_before_cast=finite))
                     # keep at most two chunks waiting on the disk: memory stays bounded
                     t = time.perf_counter()
-                    while len(in_flight) > 2:
+                    while len(in_flight) > 2 * len(stores):
                         in_flight.pop(0).result()
                     stats.write_wait_seconds += time.perf_counter() - t
-                    stats.images += len(tokens)
+                    stats.images += len(ranges[position])
                     stats.chunks += 1
-                    bar.update(len(tokens))
+                    bar.update(len(ranges[position]))
                     t = time.perf_counter()
                 for f in in_flight:
                     f.result()
@@ -207,27 +225,33 @@ def _note_decoder(store: FeatureStore, source, backbone) -> None:
         store.note(decoded_by=sorted([*known, name]))
 
 
-def _forward_to_host(backbone, images, dtype):
-    """Tokens of one chunk, cast to the store's ``dtype`` where they are (torch casts to float16
-    ~10x faster than numpy, and a GPU then copies half the bytes), as a host array; and a function
-    that waits until they are there and says whether they were finite before the cast. On CUDA
-    the copy goes asynchronously into pinned memory, so the caller can let go of the device lock
-    before the GPU has finished: the GPU then never idles between chunks."""
+def _forward_to_host(backbone, images, dtype, layers: list[int] | None = None) -> dict:
+    """Tokens of one chunk (``layers``: of these blocks, from one forward pass; None: of the
+    backbone's own block), each cast to the store's ``dtype`` where it is (torch casts to float16
+    faster than numpy, and a GPU then copies half the bytes), as ``{layer or None: (host array,
+    wait)}``: ``wait()`` waits until the array is there and says whether the tokens were finite
+    before the cast. On CUDA the copy goes asynchronously into pinned memory, so the caller can
+    let go of the device lock before the GPU has finished: the GPU then never idles between chunks."""
     import numpy as np
     import torch
 
-    tokens = backbone.tokens(images.to(backbone.device, non_blocking=True))
-    if tokens.device.type != "cuda":
-        tokens = tokens.cpu()
-        finite = bool(np.isfinite(tokens.numpy()).all())  # numpy's test, unlike its cast, is fast
-        return tokens.to(dtype).numpy(), lambda: finite
-    host = torch.empty(tokens.shape, dtype=dtype, pin_memory=True)
-    host.copy_(tokens.to(dtype), non_blocking=True)
-    finite = torch.empty((), dtype=torch.bool, pin_memory=True)
-    finite.copy_(torch.isfinite(tokens).all(), non_blocking=True)
-    done = torch.cuda.Event()
-    done.record(torch.cuda.current_stream(tokens.device))
-    return host.numpy(), lambda: done.synchronize() or bool(finite)
+    x = images.to(backbone.device, non_blocking=True)
+    outputs = {None: backbone.tokens(x)} if layers is None else backbone.tokens_multi(x, layers)
+    host_arrays = {}
+    for key, tokens in outputs.items():
+        if tokens.device.type != "cuda":
+            tokens = tokens.cpu()
+            finite = bool(np.isfinite(tokens.numpy()).all())  # numpy's test, unlike its cast, is fast
+            host_arrays[key] = (tokens.to(dtype).numpy(), lambda finite=finite: finite)
+            continue
+        host = torch.empty(tokens.shape, dtype=dtype, pin_memory=True)
+        host.copy_(tokens.to(dtype), non_blocking=True)
+        finite = torch.empty((), dtype=torch.bool, pin_memory=True)
+        finite.copy_(torch.isfinite(tokens).all(), non_blocking=True)
+        done = torch.cuda.Event()
+        done.record(torch.cuda.current_stream(tokens.device))
+        host_arrays[key] = (host.numpy(), lambda done=done, finite=finite: done.synchronize() or bool(finite))
+    return host_arrays
 
 
 _END = object()
@@ -322,4 +346,29 @@ def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | No
         stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress)
         store.finalize(count=store.count)
     return store, stats
+
+
+def extract_layers(backbone, source, uris: dict[int, str], *, chunk: int = DEFAULT_CHUNK, dtype: str = "float16",
+                   num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True,
+                   desc: str | None = None) -> tuple[dict[int, FeatureStore], ExtractStats]:
+    """Several blocks' tokens from one pass over ``source``: block ``l`` into the complete store
+    ``uris[l]`` (one forward pass per chunk for all of them; each store as ``extract`` writes
+    it for that block, resumable the same way). Returns ``({layer: store}, stats)``."""
+    import dataclasses
+
+    layers = sorted({backbone.resolve_layer(int(l)) for l in uris})
+    if len(layers) != len(uris):
+        raise SoapError(f"two store paths name the same block: {sorted(uris)} on a {backbone.depth}-block backbone")
+    uris = {backbone.resolve_layer(int(l)): uri for l, uri in uris.items()}
+    with contextlib.ExitStack() as held:
+        stores = {}
+        for l in layers:
+            held.enter_context(store_lease(uris[l], storage_options))
+            stores[l] = open_store_for(uris[l], dataclasses.replace(backbone, layer=l), source, chunk=chunk,
+                                       dtype=dtype, storage_options=storage_options)
+        stats = _fill(stores, backbone, source, None, num_workers=num_workers, progress=progress, desc=desc,
+                      read_ahead=None)
+        for store in stores.values():
+            store.finalize(count=store.count)
+    return stores, stats
 

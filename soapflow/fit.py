@@ -241,7 +241,7 @@ def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str)
         "gamma": fit.gamma,
         "threshold": fit.threshold,
         "suppress": fit.suppress,
-        "n_suppressed": int(np.count_nonzero(fit.weights > 0.5 * fit.scores)),
+        "n_suppressed": int(np.count_nonzero(method.suppressed(fit.weights, fit.scores))),
         "n_real_images": inputs.n_real_images,
         "n_real_tokens": inputs.n_real_tokens,
         "n_synth_images": inputs.n_synth_images,
@@ -258,6 +258,7 @@ def fit_to_artifact(
     synth_uri: str,
     out_dir: str,
     *,
+    client=None,
     dask_address: str | None = None,
     workers: int = 1,
     mu: float | str = 2.0,
@@ -271,14 +272,19 @@ def fit_to_artifact(
     progress: bool = True,
     extra_manifest: dict | None = None,
 ):
-    """Fit two stores and write the artifact (with plots); return ``(path, fit, manifest)``."""
+    """Fit two stores and write the artifact (with plots); return ``(path, fit, manifest)``. On
+    ``client`` if given (several fits sharing one cluster), else on ``dask_client(dask_address, workers)``."""
+    import contextlib
+
     from soapflow.cluster import dask_client
     from storage.artifact import check_artifact_target, fit_tensors, read_manifest, write_artifact
 
     # fail on bad input before starting a cluster or reading a token
     real, synth = open_fit_inputs(real_uri, synth_uri, mu=mu, tau=tau, gamma=gamma, storage_options=storage_options)
     check_artifact_target(out_dir, overwrite)
-    with dask_client(dask_address, workers=workers, processes=workers > 1) as client:
+    cluster = contextlib.nullcontext(client) if client is not None else dask_client(
+        dask_address, workers=workers, processes=workers > 1)
+    with cluster as client:
         fit, inputs = _fit_checked(client, real, synth, mu=mu, tau=tau, gamma=gamma, threshold=threshold,
                                    suppress=suppress, progress=progress)
     manifest = {**fit_manifest(fit, inputs, mu_arg=mu), **(extra_manifest or {})}

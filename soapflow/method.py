@@ -147,6 +147,11 @@ def suppression_weights(scores: np.ndarray, mu: float, tau: float) -> np.ndarray
     return weights
 
 
+def suppressed(weights: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Which components a fit counts as suppressed: more than half of their score removed."""
+    return np.asarray(weights) > 0.5 * np.asarray(scores)
+
+
 # --- Step 7: the projector ----------------------------------------------------------------
 
 

@@ -6,6 +6,8 @@ import io
 
 import numpy as np
 
+from soapflow import method
+
 
 def _figure_bytes(fig) -> bytes:
     import matplotlib.pyplot as plt
@@ -30,7 +32,7 @@ def si_scores_plot(scores: np.ndarray, weights: np.ndarray, threshold: float) ->
     plt = _pyplot()
     order = np.argsort(-scores, kind="stable")
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    suppressed = weights[order] > 0.5 * scores[order]
+    suppressed = method.suppressed(weights[order], scores[order])
     ax.plot(np.arange(len(scores)), scores[order], color="0.3", lw=1)
     ax.scatter(np.flatnonzero(suppressed), scores[order][suppressed], color="tab:red", zorder=3,
                label=f"suppressed ({int(suppressed.sum())})")

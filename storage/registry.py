@@ -725,7 +725,9 @@ def _ranges(versions: list[int]) -> str:
 def suppressed_rows(tensors: dict) -> "Any":
     import numpy as np
 
-    return np.flatnonzero(tensors["weights"] > 0.5 * tensors["scores"])
+    from soapflow.method import suppressed
+
+    return np.flatnonzero(suppressed(tensors["weights"], tensors["scores"]))
 
 
 DIFF_KEYS = (

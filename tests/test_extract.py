@@ -224,6 +224,32 @@ def test_interrupted_extraction_resumes_identically(tmp_path, bb):
     assert "decoded_by" not in resumed.attrs  # nothing decoded from files
 
 
+def test_one_pass_over_several_blocks_writes_each_store_as_extract_does(tmp_path, bb):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from soapflow.extract import extract_layers
+    from storage.feature_store import StoreBusy, store_lease
+
+    src = cached_source("photos", 10, 0)
+    uris = {l: str(tmp_path / f"L{l}") for l in (3, -1)}
+    # block 3's store was begun by an interrupted run: only its missing chunks are written
+    partial = open_store_for(uris[3], cached_backbone("vit_tiny_patch16_224", "random", 3, "out", 64, "cpu"), src,
+                             chunk=4)
+    extract_chunks(partial, cached_backbone("vit_tiny_patch16_224", "random", 3, "out", 64, "cpu"), src, [1],
+                   progress=False)
+    with store_lease(uris[-1]), ThreadPoolExecutor(1) as other, pytest.raises(StoreBusy):  # soap extract's lease
+        other.submit(extract_layers, bb, src, uris, chunk=4, progress=False).result()
+    stores, stats = extract_layers(bb, src, uris, chunk=4, progress=False)
+    assert sorted(stores) == [3, 11] and stats.chunks == 3 and stats.images == 10
+    for layer, store in stores.items():
+        alone, _ = extract(**TINY, layer=layer, source_spec="photos", out=str(tmp_path / f"alone{layer}"), n=10,
+                           chunk=4, progress=False)
+        np.testing.assert_array_equal(store.tokens[:], alone.tokens[:])
+        assert store.pending_chunks() == [] and store.attrs["layer"] == layer == alone.attrs["layer"]
+        assert {k: v for k, v in store.attrs.items() if k not in ("created", "completed")} == \
+            {k: v for k, v in alone.attrs.items() if k not in ("created", "completed")}
+
+
 def test_store_records_every_decoder_that_wrote_it(tmp_path, bb, monkeypatch):
     # begun with Pillow (a CPU), resumed where JPEGs are decoded on the device (as on a GPU; here
     # torchvision's decode_jpeg on the CPU): the store says both

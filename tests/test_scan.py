@@ -8,7 +8,9 @@ from typer.testing import CliRunner
 
 from soapflow import method
 from soapflow.errors import SoapError
-from soapflow.evaluation.scan import fit_layer, parse_layers, scan
+from soapflow.cluster import dask_client
+from soapflow.evaluation.scan import parse_layers, scan
+from soapflow.fit import fit_stores
 from soapflow.head import SOAPHead
 from storage.artifact import read_artifact
 from storage.feature_store import FeatureStore
@@ -25,12 +27,13 @@ def test_parse_layers():
         parse_layers("six", 12)
 
 
-def test_fit_layer_equals_the_method_on_all_tokens_at_once(tmp_path):
+def test_the_fit_of_a_scan_equals_the_method_on_all_tokens_at_once(tmp_path):
     real = positional_tokens(70, seed=0)
     synth = positional_tokens(30, seed=1, scale=0.3)
     write_store(str(tmp_path / "r"), real, chunk=9)
     write_store(str(tmp_path / "s"), synth, chunk=7)
-    fit = fit_layer(str(tmp_path / "r"), str(tmp_path / "s"), mu="auto")
+    with dask_client() as client:  # as scan fits each block
+        fit, _ = fit_stores(str(tmp_path / "r"), str(tmp_path / "s"), client=client, mu="auto", progress=False)
     m = method.moments(real)
     lam, comps = method.principal_components(m)
     ref = method.soap_from_statistics(m, comps, lam, method.activation_counts(real, m.mean, comps), 70,
@@ -61,17 +64,24 @@ def test_scan_extracts_all_layers_in_one_pass_and_fits_each(tmp_path, monkeypatc
     assert [s["layer"] for s in result["layers"]] == [1, 11]
     for s in result["layers"]:
         assert 0 < s["max_si"] <= 1 and s["max_si"] == s["top_si"][0]
-        assert s["n_above_threshold"] == sum(v > 0.75 for v in s["top_si"]) or s["n_above_threshold"] >= 8
         store = FeatureStore.open(s["stores"]["real"])
         assert store.attrs["layer"] == s["layer"] and store.count == 10
         art = read_artifact(s["artifact"])
+        assert s["n_above_threshold"] == int(np.count_nonzero(art.tensors["scores"] > 0.75))
         assert art.manifest["layer"] == s["layer"] and art.manifest["n_real_images"] == 10
         assert art.manifest["n_synth_images"] == 8
         assert SOAPHead.from_artifact(s["artifact"]).in_features == 192
         np.testing.assert_allclose(np.sort(art.tensors["scores"])[::-1][:8], s["top_si"], atol=1e-12)
-    # the artifact equals a fit of the same stores
-    again = fit_layer(result["layers"][0]["stores"]["real"], result["layers"][0]["stores"]["synthetic"])
-    np.testing.assert_allclose(read_artifact(result["layers"][0]["artifact"]).projector, again.projector, atol=1e-6)
+    # each artifact is bit-identical to `soap fit` on the same stores
+    from soapflow.cli.main import app
+
+    for s in result["layers"]:
+        again = tmp_path / f"fit-L{s['layer']}"
+        res = CliRunner().invoke(app, ["fit", s["stores"]["real"], s["stores"]["synthetic"], "--out", str(again)])
+        assert res.exit_code == 0, res.output + repr(res.exception)
+        scanned = read_artifact(s["artifact"])
+        assert read_artifact(str(again)).manifest["content_hash"] == scanned.manifest["content_hash"]
+        assert (again / "soap.safetensors").read_bytes() == (tmp_path / "arts" / f"L{s['layer']}" / "soap.safetensors").read_bytes()
     ev = result["evaluations"]
     assert set(ev) == {"1", "11"} and set(ev["11"]) == {"knn-cls", "salient"}
     assert ev["1"]["salient"]["head"]["layer"] == 1 and ev["11"]["knn-cls"]["n_images"] == 6

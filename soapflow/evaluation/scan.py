@@ -1,11 +1,10 @@
 """Per-layer analysis: SOAP fitted at several blocks from one pass over the images.
 
-1. **Extract** — one forward pass per batch yields the tokens of every requested block
-   (``Backbone.tokens_multi``); each block's tokens go to its own feature store
-   (``<work>/stores/{real,synthetic}/L<layer>``), so they can be fitted again with ``soap fit``.
-2. **Fit** — per block, from the stores, with the functions of :mod:`soapflow.method`
-   (``moments``/``merge_moments`` → ``principal_components`` → ``activation_counts`` on real and
-   synthetic tokens → ``soap_from_statistics``); optionally written as artifacts.
+1. **Extract** — ``soapflow.extract.extract_layers``: one forward pass per chunk yields the tokens
+   of every requested block; each block's tokens go to its own feature store
+   (``<work>/stores/{real,synthetic}/L<layer>``), with the leases and device lock of ``soap extract``.
+2. **Fit** — per block, ``soapflow.fit`` on one local dask client: the fit of ``soap fit``, so an
+   artifact written here is bit-identical to ``soap fit`` on the same stores.
 3. **SI per layer** — max SI and the number of components above the threshold.
 4. **Evaluate** (optional) — the zero-shot protocols per block, raw vs SOAP, on tokens extracted
    once for all blocks (token cache), and plots of max SI and of each metric vs depth.
@@ -14,7 +13,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import tempfile
@@ -26,8 +24,7 @@ import numpy as np
 from soapflow import method
 from soapflow.errors import SoapError
 
-__all__ = ["LayerFit", "parse_layers", "extract_layer_stores", "fit_layer", "scan", "plot_si_vs_depth",
-           "plot_metric_vs_depth", "EVALUATIONS"]
+__all__ = ["LayerFit", "parse_layers", "scan", "plot_si_vs_depth", "plot_metric_vs_depth", "EVALUATIONS"]
 
 EVALUATIONS = ("salient", "knn-seg", "knn-cls")
 
@@ -60,7 +57,7 @@ class LayerFit:
             "top_si": [float(v) for v in s[:8]],
             "top_si_ranks": [int(r) for r in np.argsort(-self.fit.scores, kind="stable")[:8]],
             "mu": self.fit.mu,
-            "n_suppressed": int(np.count_nonzero(self.fit.weights > 0.5 * self.fit.scores)),
+            "n_suppressed": int(np.count_nonzero(method.suppressed(self.fit.weights, self.fit.scores))),
             "explained_variance_top": [float(v) for v in self.fit.explained_variance[:4]],
             "artifact": self.artifact,
         }
@@ -89,101 +86,6 @@ def parse_layers(spec, depth: int) -> list[int]:
     if not out:
         raise SoapError(f"--layers names no layer: {spec!r}")
     return sorted(set(out))
-
-
-def _store_attrs(bb, source, layer: int, dtype: str) -> dict:
-    try:
-        from soapflow.extract import store_attributes
-
-        attrs = store_attributes(bb, source, dtype)
-    except ImportError:  # pragma: no cover
-        attrs = {"backbone": bb.name, "weights": bb.weights_sha256, "feature": bb.feature,
-                 "image_size": bb.image_size, "source": {"spec": source.spec, **source.fingerprint}}
-    attrs["layer"] = int(layer)
-    return attrs
-
-
-def extract_layer_stores(bb, source, layers: list[int], root: str, *, batch_size: int = 32, dtype: str = "float16",
-                         progress: bool = True, desc: str = "extract") -> dict[int, str]:
-    """One pass over ``source``: block ``l``'s tokens into the store ``<root>/L<l>``; resumable
-    (complete chunks are skipped). Returns ``{layer: uri}``."""
-    from tqdm.auto import tqdm
-
-    from storage.feature_store import FeatureStore
-
-    count = len(source)
-    stores = {}
-    for l in layers:
-        uri = os.path.join(root, f"L{l}")
-        stores[l] = FeatureStore.create(uri, count=count, grid=bb.grid, dim=bb.dim, chunk=batch_size, dtype=dtype,
-                                        attrs=_store_attrs(bb, source, l, dtype))
-    pending = sorted(set().union(*(s.pending_chunks() for s in stores.values())))
-    first = stores[layers[0]]
-    bar = tqdm(total=sum(len(first.chunk_range(c)) for c in pending), desc=desc, unit="img", disable=not progress,
-               leave=False)
-    for c in pending:
-        rows = first.chunk_range(c)
-        images = source.batch(list(rows), bb.image_size, bb.mean, bb.std)
-        toks = bb.tokens_multi(images, layers)
-        for l, s in stores.items():
-            if c in s.pending_chunks():
-                s.write_chunk(c, toks[l].cpu().numpy())
-        bar.update(len(rows))
-    bar.close()
-    for s in stores.values():
-        s.finalize(count=count)
-    return {l: s.uri for l, s in stores.items()}
-
-
-def _blocks(store):
-    from soapflow.fit import block_images
-
-    n = store.count
-    b = block_images(store.grid, store.dim)
-    for start in range(0, n, b):
-        yield np.asarray(store.tokens[start : min(n, start + b)])
-
-
-def fit_layer(real_uri: str, synth_uri: str, *, mu=2.0, tau=0.05, gamma=1.0, threshold=0.75) -> method.SoapFit:
-    """SPEC §1 on two stores, block by block, with :mod:`soapflow.method`."""
-    from storage.feature_store import FeatureStore, check_compatible
-
-    real = FeatureStore.open(real_uri)
-    synth = FeatureStore.open(synth_uri)
-    check_compatible(real, synth)
-    real.require_complete()
-    synth.require_complete()
-    d = real.dim
-    moments = method.Moments(0, np.zeros(d), np.zeros((d, d)))
-    for block in _blocks(real):
-        if not np.isfinite(block).all():
-            raise SoapError(f"feature store {real_uri}: NaN/Inf tokens")
-        moments = method.merge_moments(moments, method.moments(block))
-    eigenvalues, components = method.principal_components(moments)
-    real_counts = sum(method.activation_counts(b, moments.mean, components) for b in _blocks(real))
-    synth_counts = sum(method.activation_counts(b, moments.mean, components) for b in _blocks(synth))
-    try:
-        return method.soap_from_statistics(moments, components, eigenvalues, real_counts, real.count, synth_counts,
-                                           synth.count, mu=mu, tau=tau, gamma=gamma, threshold=threshold)
-    except ValueError as exc:
-        raise SoapError(str(exc)) from None
-
-
-def _write_artifact(fit, real_uri, synth_uri, out_dir, mu_arg, plots=True) -> str:
-    from soapflow.fit import FitInputs, fit_manifest
-    from storage.artifact import fit_tensors, write_artifact
-    from storage.feature_store import FeatureStore
-
-    real, synth = FeatureStore.open(real_uri), FeatureStore.open(synth_uri)
-    h, w = real.grid
-    inputs = FitInputs(real, synth, real.count, real.count * h * w, synth.count, synth.count * h * w)
-    manifest = fit_manifest(fit, inputs, mu_arg=mu_arg)
-    extra = {}
-    if plots:
-        from soapflow import plots as soap_plots
-
-        extra = soap_plots.fit_plots(fit)
-    return str(write_artifact(out_dir, fit_tensors(fit), manifest, overwrite=True, extra_files=extra))
 
 
 # -------------------------------------------------------------------------------- plots
@@ -309,8 +211,10 @@ def scan(
     zero-shot evaluations per layer. Returns a JSON-able summary (also written to
     ``<out_dir>/scan.json`` with ``si_vs_depth.png`` and ``metrics_vs_depth.png``)."""
     from soapflow.backbones import load_backbone
+    from soapflow.fit import check_parameters
     from soapflow.sources import open_source
 
+    check_parameters(mu, tau, gamma)  # before any extraction
     evaluations = [e for e in evaluations if e]
     bad = [e for e in evaluations if e not in EVALUATIONS]
     if bad:
@@ -327,20 +231,15 @@ def scan(
     os.makedirs(work, exist_ok=True)
     timing = {}
     try:
-        real_uris = extract_layer_stores(bb, real_src, layer_list, os.path.join(work, "stores", "real"),
-                                         batch_size=batch_size, dtype=dtype, progress=progress, desc=f"extract {data}")
-        synth_uris = extract_layer_stores(bb, synth_src, layer_list, os.path.join(work, "stores", "synthetic"),
-                                          batch_size=batch_size, dtype=dtype, progress=progress,
-                                          desc=f"extract {synth}")
+        stores = os.path.join(work, "stores")
+        real_uris = _extract_layers(bb, real_src, layer_list, os.path.join(stores, "real"), batch_size, dtype,
+                                    progress, f"extract {data}")
+        synth_uris = _extract_layers(bb, synth_src, layer_list, os.path.join(stores, "synthetic"), batch_size, dtype,
+                                     progress, f"extract {synth}")
         timing["extract"] = round(time.perf_counter() - t0, 2)
-        fits: dict[int, LayerFit] = {}
         t1 = time.perf_counter()
-        for l in layer_list:
-            fit = fit_layer(real_uris[l], synth_uris[l], mu=mu, tau=tau, gamma=gamma, threshold=threshold)
-            art = None
-            if artifacts_dir:
-                art = _write_artifact(fit, real_uris[l], synth_uris[l], os.path.join(artifacts_dir, f"L{l}"), mu)
-            fits[l] = LayerFit(l, fit, len(real_src), len(synth_src), real_uris[l], synth_uris[l], art)
+        fits = _fit_layers(real_uris, synth_uris, artifacts_dir, mu=mu, tau=tau, gamma=gamma, threshold=threshold,
+                           progress=progress)
         timing["fit"] = round(time.perf_counter() - t1, 2)
 
         reports: dict[int, dict[str, dict]] = {}
@@ -380,6 +279,35 @@ def scan(
 
         result["json"] = write_json(os.path.join(out_dir, "scan.json"), result)
     return result
+
+
+def _extract_layers(bb, source, layers, root, chunk, dtype, progress, desc) -> dict[int, str]:
+    from soapflow.extract import extract_layers
+
+    uris = {l: os.path.join(root, f"L{l}") for l in layers}
+    extract_layers(bb, source, uris, chunk=chunk, dtype=dtype, progress=progress, desc=desc)
+    return uris
+
+
+def _fit_layers(real_uris, synth_uris, artifacts_dir, *, mu, tau, gamma, threshold, progress) -> dict[int, LayerFit]:
+    """Each block's fit with ``soapflow.fit`` on one local cluster (started once for all)."""
+    from soapflow.cluster import dask_client
+    from soapflow.fit import fit_stores, fit_to_artifact
+
+    fits = {}
+    with dask_client() as client:
+        for l in real_uris:
+            params = dict(mu=mu, tau=tau, gamma=gamma, threshold=threshold, progress=progress)
+            art = None
+            if artifacts_dir:
+                path, fit, manifest = fit_to_artifact(real_uris[l], synth_uris[l], os.path.join(artifacts_dir, f"L{l}"),
+                                                      client=client, overwrite=True, **params)
+                art, n_real, n_synth = str(path), manifest["n_real_images"], manifest["n_synth_images"]
+            else:
+                fit, inputs = fit_stores(real_uris[l], synth_uris[l], client=client, **params)
+                n_real, n_synth = inputs.n_real_images, inputs.n_synth_images
+            fits[l] = LayerFit(l, fit, n_real, n_synth, real_uris[l], synth_uris[l], art)
+    return fits
 
 
 def _evaluate_layers(bb, fits: dict[int, LayerFit], evaluations, *, eval_data, eval_n, bank, bank_n, salient_tau,
