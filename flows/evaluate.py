@@ -6,11 +6,15 @@ Runs with no Prefect server (ephemeral mode). Evaluations run one after another 
 the CPU/GPU and the token cache: each dataset is extracted once per run). Results go into the
 registry version's record when the head is a registry ref (an artifact directory is immutable:
 its results are returned and written as JSON under ``out_dir`` only).
+
+Calling style, as in every flow: tasks are started with ``.submit(...)`` and their values taken
+with ``.result()``. Here each step needs the previous one's value (or the device it holds), so
+each ``.result()`` follows at once; the style is the one that lets ``refit`` run its
+extractions side by side, kept here so that all flows read alike.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import tempfile
@@ -19,20 +23,15 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
+from soapflow.common import default_workdir, slug, utc_stamp
 from tasks.evaluate import knn_cls_task, knn_seg_task, record_task, resolve_head_task, salient_task
 
 EVALUATIONS = ("salient", "knn-seg", "knn-cls")
 
 
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in str(text)).strip("-")[:80] or "x"
-
-
 def default_out_dir(head_ref: str) -> Path:
-    base = os.environ.get("SOAPFLOW_WORKDIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "soapflow", "work")
-    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
-    return Path(base) / "evaluations" / f"{_slug(os.path.basename(head_ref.rstrip('/')) or head_ref)}-{stamp}"
+    name = slug(os.path.basename(head_ref.rstrip("/")) or head_ref, limit=80)
+    return default_workdir() / "evaluations" / f"{name}-{utc_stamp()}"
 
 
 @flow(name="evaluate", log_prints=True)
@@ -76,7 +75,7 @@ def evaluate(
     bad = [e for e in evaluations if e not in EVALUATIONS]
     if bad or not evaluations:
         raise SoapError(f"evaluations must be a non-empty subset of {list(EVALUATIONS)}, got {list(evaluations)}")
-    head = resolve_head_task(head_ref, registry)
+    head = resolve_head_task.submit(head_ref, registry).result()
     pinned = head["pinned"]
     logger.info("head %s -> %s (%s layer %s)", head_ref, pinned, head["manifest"].get("backbone"),
                 head["manifest"].get("layer"))
@@ -90,17 +89,17 @@ def evaluate(
     try:
         if "salient" in evaluations:
             for tau in taus:
-                rep = salient_task(pinned, **ctx_kw, dataset=dataset, n=n, tau=float(tau), soap_tau=soap_tau,
-                                   foreground=foreground, refine=refine,
-                                   grid_png=str(out / f"salient-tau{tau:g}.png"), **common)
+                rep = salient_task.submit(pinned, **ctx_kw, dataset=dataset, n=n, tau=float(tau), soap_tau=soap_tau,
+                                          foreground=foreground, refine=refine,
+                                          grid_png=str(out / f"salient-tau{tau:g}.png"), **common).result()
                 reports[report_key(rep)] = rep
         if "knn-seg" in evaluations:
-            rep = knn_seg_task(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_seg_k,
-                               bank_patches=bank_patches, grid_png=str(out / "knn-seg.png"), **common)
+            rep = knn_seg_task.submit(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_seg_k,
+                                      bank_patches=bank_patches, grid_png=str(out / "knn-seg.png"), **common).result()
             reports[report_key(rep)] = rep
         if "knn-cls" in evaluations:
-            rep = knn_cls_task(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_cls_k,
-                               pools=tuple(pools), **common)
+            rep = knn_cls_task.submit(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_cls_k,
+                                      pools=tuple(pools), **common).result()
             reports[report_key(rep)] = rep
     finally:
         if own_cache:
@@ -110,7 +109,7 @@ def evaluate(
         write_json(out / f"{key}.json", rep)
     recorded = None
     if record and head["from_registry"]:
-        recorded = record_task(pinned, registry, reports)
+        recorded = record_task.submit(pinned, registry, reports).result()
         logger.info("recorded %d evaluations in %s %s", len(reports), recorded["registry"], pinned)
     elif record:
         logger.info("head %s is an artifact directory (immutable): results only in %s", head_ref, out)

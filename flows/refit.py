@@ -6,6 +6,12 @@
 
 Runs with no Prefect server (ephemeral mode), on the default thread pool or on a dask
 cluster via ``DaskTaskRunner``; the artifact is the same either way.
+
+Calling style: every task is started with ``.submit(...)``, and a value is taken with
+``.result()`` only where the flow itself needs it. Submitting is what lets the real and the
+synthetic extractions (and the shards of each) run side by side on any task runner; one style
+for every task keeps the flows readable as one pattern. Tasks hand each other the typed
+records of ``soapflow.results``.
 """
 
 from __future__ import annotations
@@ -13,26 +19,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from soapflow.common import default_workdir, is_url, slug
 from soapflow.extract import DEFAULT_CHUNK, default_device
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
 from tasks.publish import publish_artifact
-
-
-def default_workdir() -> Path:
-    base = os.environ.get("SOAPFLOW_WORKDIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "soapflow", "work")
-    return Path(base)
-
-
-def _slug(text: str) -> str:
-    return "".join(c if c.isalnum() or c in "._-" else "-" for c in text).strip("-")[:60] or "x"
 
 
 def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, dtype: str) -> str:
@@ -40,14 +36,14 @@ def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, 
     key = json.dumps({"spec": spec, "source": source, "n": n, "seed": seed, "chunk": chunk, "dtype": dtype},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{_slug(source)}-{digest}")
+    return str(workdir / "stores" / f"{slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{slug(source)}-{digest}")
 
 
 def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress):
     plan = prepare_store.submit(uri, spec, source, n, seed, chunk, dtype, shards).result()
-    futures = [extract_shard.submit(plan["uri"], plan["created"], chunks, spec, source, n, seed, num_workers, progress)
-               for chunks in plan["shards"]]
-    return plan, futures
+    futures = [extract_shard.submit(plan.uri, plan.created, chunks, spec, source, n, seed, num_workers, progress)
+               for chunks in plan.shards]
+    return plan, finalize_store.submit(plan.uri, futures)
 
 
 def backbone_spec(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
@@ -62,12 +58,9 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
                     device: str | None, data: str, n_real: int | None, seed: int):
     """Around a one-off ``refit`` call with no ``PREFECT_API_URL`` (``soap refit``).
 
-    Prefect would start its temporary server on the flow's first API call (~3 s on 2 cores),
-    and only then would the flow load the model (~3 s): here the server process starts
-    first and boots while this thread loads the model, scans the real source and imports
-    what the fit needs. Flow-run heartbeats are off: they let a lasting server spot crashed
-    runs, this server dies with the process, and stopping the heartbeat thread costs up to a
-    second. Failures to load are left for the flow to raise, with its usual messages.
+    The temporary server boots in its own process while this thread loads the model and scans
+    the source, instead of one after the other. Heartbeats are off: this server dies with the
+    process, so nobody needs them. Load failures are left for the flow to raise.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
@@ -141,44 +134,42 @@ def refit(
                 spec["device"])
 
     real_uri = store_uri(work, named, data, n_real, seed, chunk, dtype)
-    real_plan, real_futures = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
+    real_plan, real_done = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
     synth_source = f"noise:{generator}"
-    synth_n = n_synth or real_plan["count"]
+    synth_n = n_synth or real_plan.count
     synth_uri = store_uri(work, named, synth_source, synth_n, seed, chunk, dtype)
-    synth_plan, synth_futures = _extract(spec, synth_uri, synth_source, synth_n, seed, chunk, dtype, shards,
-                                         num_workers, progress)
-    real_done = finalize_store.submit(real_uri, real_futures)
-    synth_done = finalize_store.submit(synth_uri, synth_futures)
+    _, synth_done = _extract(spec, synth_uri, synth_source, synth_n, seed, chunk, dtype, shards, num_workers, progress)
 
-    artifact_dir = out or str(work / "artifacts" / f"{_slug(bb.name)}-L{bb.layer}")
+    artifact_dir = out or str(work / "artifacts" / f"{slug(bb.name)}-L{bb.layer}")
     from prefect.runtime import flow_run
 
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
-    fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
-                                 gamma=gamma, threshold=threshold, dask_address=dask_address,
+    real_extracted, synth_extracted = real_done.result(), synth_done.result()  # (an extraction's own error)
+    fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, mu=mu, tau=tau, gamma=gamma,
+                                 threshold=threshold, dask_address=dask_address,
                                  extra_manifest={"lineage": lineage}).result()
     result = {
-        "artifact": fitted["path"],
-        "content_hash": fitted["manifest"]["content_hash"],
-        "n_suppressed": fitted["manifest"]["n_suppressed"],
-        "mu": fitted["manifest"]["mu"],
-        "top": fitted["top"],
+        "artifact": fitted.path,
+        "content_hash": fitted.content_hash,
+        "n_suppressed": fitted.manifest["n_suppressed"],
+        "mu": fitted.manifest["mu"],
+        "top": fitted.top,
         "stores": {"real": real_uri, "synthetic": synth_uri},
-        "extraction": {"real": real_done.result(), "synthetic": synth_done.result()},
-        "skipped_images": real_plan["skipped"],
+        "extraction": {"real": real_extracted.summary(), "synthetic": synth_extracted.summary()},
+        "skipped_images": real_plan.skipped,
         "ref": None,
     }
     if publish:
-        published = publish_artifact.submit(fitted["path"], registry, name, lineage).result()
-        result["ref"] = published["ref"]
-        result["registry"] = published["registry"]
-        result["published_new_version"] = published["created"]
-        logger.info("published %s%s", published["ref"], "" if published["created"] else " (identical content already there)")
+        published = publish_artifact.submit(fitted.path, registry, name, lineage).result()
+        result["ref"] = published.ref
+        result["registry"] = published.registry
+        result["published_new_version"] = published.created
+        logger.info("published %s%s", published.ref, "" if published.created else " (identical content already there)")
         if evaluate_after:
             from flows.evaluate import evaluate
 
-            result["evaluation"] = evaluate(head_ref=published["ref"], evaluations=list(evaluate_after),
-                                            dataset=eval_dataset, n=eval_n, registry=published["registry"],
+            result["evaluation"] = evaluate(head_ref=published.ref, evaluations=list(evaluate_after),
+                                            dataset=eval_dataset, n=eval_n, registry=published.registry,
                                             weights=weights, device=spec["device"], progress=False)
     _publish_prefect_artifacts(result, bb)
     return result
@@ -202,5 +193,5 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
                          key="soap-artifact")
     for kind, uri in result["stores"].items():
-        link = Path(uri).resolve().as_uri() if "://" not in uri else uri
+        link = Path(uri).resolve().as_uri() if not is_url(uri) else uri
         create_link_artifact(link=link, link_text=f"{kind} feature store", key=f"soap-{kind}-store")

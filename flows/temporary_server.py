@@ -2,8 +2,8 @@
 
 With no ``PREFECT_API_URL``, Prefect starts a server process of its own on the first API call
 (``SubprocessASGIServer``). Its launcher lives in ``prefect.server.api.server``, whose import
-pulls in the whole server (FastAPI, SQLAlchemy, docket …): ~1.3 s on the caller's thread,
-for a process that then imports all of it again. ``TemporaryServer`` runs the same command
+pulls in the whole server (FastAPI, SQLAlchemy, docket …) on the caller's thread, for a
+process that then imports all of it again. ``TemporaryServer`` runs the same command
 with the same environment, so the server process boots on another core while this one loads
 the model, and stops it at exit like Prefect does (after Prefect's log and event workers
 have drained into it).

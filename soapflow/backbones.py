@@ -146,15 +146,14 @@ def _resolve_name(name: str) -> tuple[str, BackboneEntry | None]:
 
 
 def _default_image_size(timm_name: str) -> int | None:
-    try:
-        from timm.models import get_pretrained_cfg
+    """The input size of the timm name's pretrained config; None where it has none."""
+    from timm.models import get_pretrained_cfg
 
+    try:
         cfg = get_pretrained_cfg(timm_name, allow_unregistered=True)
-        if cfg is not None and cfg.input_size:
-            return int(cfg.input_size[-1])
-    except Exception:
-        pass
-    return None
+    except RuntimeError:  # a pretrained tag timm does not know for this architecture: no config
+        return None
+    return int(cfg.input_size[-1]) if cfg is not None and cfg.input_size else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -347,10 +346,8 @@ class Backbone:
         return self._extract(images, idx)
 
     def _cpu_micro_batch(self) -> int:
-        # On a CPU, activations over glibc's 32 MB mmap threshold are mapped fresh and
-        # page-faulted in at every block (~16 % of a DINOv2-S forward at batch 64). Forwarding
-        # in micro-batches whose widest activation (the MLP hidden state) stays under 16 MB
-        # reuses heap memory instead: 10-15 % faster per image (benchmarks/forward_batch.py).
+        # Activations over glibc's mmap threshold are mapped and page-faulted afresh at every
+        # block; micro-batches whose widest activation stays under it reuse heap memory instead.
         fc1 = getattr(getattr(self.model.blocks[0], "mlp", None), "fc1", None)
         width = max(getattr(fc1, "out_features", 4 * self.dim), 3 * self.dim)
         tokens = self.grid[0] * self.grid[1] + self.num_prefix_tokens

@@ -21,10 +21,9 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
     """Yield a ``distributed.Client``.
 
     The local default is one worker in this process with one task thread per core (at most
-    ``MAX_LOCAL_THREADS``) and single-threaded BLAS while the cluster runs: the casts,
-    subtractions and reads between GEMMs then keep every core busy too (~18% faster
-    than one thread with multi-threaded BLAS on 2 cores). Memory is a few blocks per thread,
-    whatever the store's size. BLAS results do not depend on its thread count, so neither
+    ``MAX_LOCAL_THREADS``) and single-threaded BLAS while the cluster runs, so that the casts,
+    subtractions and reads between GEMMs keep every core busy too. Memory is a few blocks per
+    thread, whatever the store's size. BLAS results do not depend on its thread count, so neither
     does the artifact. Pass ``workers``/``processes`` for a wider local cluster (dask's
     worker processes run single-threaded BLAS by default), or ``address`` to use a running one.
     """

@@ -215,8 +215,7 @@ def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_worke
 
 def _note_decoder(store: FeatureStore, source, backbone) -> None:
     """Add what decodes this run's images to the store's ``decoded_by`` before writing a chunk: a
-    store resumed on another device has some chunks from each (nvJPEG and Pillow differ by
-    ~0.5 grey levels on average)."""
+    store resumed on another device has some chunks from each (nvJPEG and Pillow round differently)."""
     from soapflow.sources import decoder_name
 
     name = decoder_name(source, backbone.device, backbone.interpolation or "bicubic")
@@ -304,17 +303,14 @@ def _loader(source, ranges, backbone, num_workers, device, lock=None):
     from soapflow.sources import chunk_loader
 
     if num_workers is None:
-        # On a CPU, decode processes would run on the cores the forward pass is using, and
-        # every slice they take stalls all of its threads: decoding in this process measured
-        # 2–3 % faster end to end (refit, 2 cores). A GPU leaves the CPU to decoding.
+        # on a CPU, decode processes would take slices from the forward pass's threads
         num_workers = 0 if str(device).startswith("cpu") else 1
     if multiprocessing.current_process().daemon:
         # dask worker processes are daemonic and may not fork DataLoader workers; the
         # cluster's own worker processes give the parallelism there.
         num_workers = 0
-    # On a CPU, noise and decoding would fight the other extraction's forward for the cores. On a
-    # GPU the lock would only make the other extraction wait while nvJPEG decodes (its Huffman
-    # stage runs on the CPU) and while noise kernels launch: 1.14-1.24x on an H100 without it.
+    # On a CPU, making images takes the device lock so it does not fight the other forward for
+    # the cores; on a GPU it would only make the other extraction wait for nvJPEG and noise kernels.
     if not str(device).startswith("cpu"):
         lock = contextlib.nullcontext()
     elif lock is None:

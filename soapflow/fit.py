@@ -220,9 +220,8 @@ def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, ga
 
 def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str) -> dict:
     """Manifest fields of SPEC §4 that a fit knows (the registry adds name and version)."""
-    import datetime as dt
-
     from soapflow import __version__
+    from soapflow.common import utc_now
 
     attrs = inputs.real.attrs
     return {
@@ -248,7 +247,7 @@ def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str)
         "n_synth_tokens": inputs.n_synth_tokens,
         "stores": {"real": inputs.real.describe(), "synthetic": inputs.synth.describe()},
         "soapflow_version": __version__,
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created": utc_now(),
         "evaluation": {},
     }
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from soapflow.errors import SoapError
+from soapflow.errors import SoapError, io_error
 
 SCHEMA_VERSION = 1
 TENSORS_FILE = "soap.safetensors"
@@ -105,7 +105,7 @@ def write_artifact(
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         detail = f"{os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)})" if exc.errno else str(exc)
-        raise SoapError(f"artifact {out}: cannot write it: {detail}; nothing was left in its place") from exc
+        raise io_error(f"artifact {out}: cannot write it: {detail}; nothing was left in its place", exc) from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

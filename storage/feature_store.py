@@ -12,35 +12,25 @@ Creation writes the group attributes (with the ``soapflow_store`` marker) first,
 ``tokens``, then ``complete``: a store whose creation was interrupted is recognised by the
 marker and re-initialised, and a location holding anything else is never overwritten.
 
-Writers hold a lease (``store_lease``): exclusive to create a store or run a whole
-extraction, shared to fill chunks (the sharded tasks of one refit). The lease is a hidden
-sibling of the store. Locally it is a POSIX record lock (``lockf``) on
-``.<name>.soapflow-lock``, which the kernel drops when its process dies, so a crash never
-leaves it wedged; on an object store it is ``.<name>.soapflow-lease`` created with a
-conditional put, renewed by its holder and taken over once not renewed for
-``LEASE_TTL_S`` seconds (or at once if its holder was on this host and is gone).
+Writers hold a lease (``storage.lease.store_lease``): exclusive to create a store or run a
+whole extraction, shared to fill chunks (the sharded tasks of one refit).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import errno
-import json
 import math
 import os
-import socket
-import sys
-import threading
-import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import zarr
 
-from soapflow.errors import SoapError
+from soapflow.common import is_url, utc_now
+from soapflow.errors import SoapError, io_error, io_reason
+from storage.lease import StoreBusy, lease_location, store_lease  # noqa: F401  (the store's writer lease)
 
 SCHEMA_VERSION = 1
 TOKENS = "tokens"
@@ -54,40 +44,19 @@ IDENTITY_KEYS = ("backbone", "weights", "layer", "feature", "image_size", "sourc
 COMPATIBLE_KEYS = ("backbone", "weights", "layer", "feature")
 
 
-def _utcnow() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-
-
 def _all_finite(a: np.ndarray) -> bool:
-    if a.dtype == np.float16:  # numpy's float16 loops are scalar: test the exponent bits (~6x faster)
+    if a.dtype == np.float16:  # numpy's float16 loops are scalar: test the exponent bits
         return not bool(((a.view(np.uint16) & 0x7C00) == 0x7C00).any())
     return bool(np.isfinite(a).all())
 
 
-def _is_url(uri: str) -> bool:
-    return "://" in str(uri)
-
-
 def _open_group(uri: str, mode: str, storage_options: dict | None, attributes: dict | None = None):
     kwargs: dict[str, Any] = {"mode": mode, "zarr_format": 3}
-    if _is_url(uri):
+    if is_url(uri):
         kwargs["storage_options"] = storage_options or {}
     if attributes is not None:
         kwargs["attributes"] = attributes
     return zarr.open_group(str(uri), **kwargs)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
-
-
-def _reason(exc: BaseException) -> str:
-    """One line for an I/O failure: 'No space left on device (ENOSPC)', or the type and message."""
-    if isinstance(exc, OSError) and exc.errno in errno.errorcode:
-        return f"{os.strerror(exc.errno)} ({errno.errorcode[exc.errno]})"
-    msg = _first_line(exc)
-    return f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
 
 
 def _open_existing_group(uri: str, mode: str, storage_options: dict | None):
@@ -105,12 +74,12 @@ def _open_existing_group(uri: str, mode: str, storage_options: dict | None):
     except SoapError:
         raise
     except Exception as exc:  # corrupt zarr.json (JSONDecodeError), unknown codecs, I/O errors
-        raise SoapError(f"feature store {uri}: cannot read its zarr metadata: {_reason(exc)}") from None
+        raise SoapError(f"feature store {uri}: cannot read its zarr metadata: {io_reason(exc)}") from None
 
 
 def _location_entries(uri: str, storage_options: dict | None) -> list[str]:
     """What lies at ``uri`` when it is not a zarr group (empty when nothing does)."""
-    if _is_url(uri):
+    if is_url(uri):
         import fsspec
 
         fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
@@ -123,257 +92,6 @@ def _location_entries(uri: str, storage_options: dict | None) -> list[str]:
     if not os.path.isdir(uri):
         raise SoapError(f"feature store {uri} is a file, not a zarr group (a directory); choose another --out")
     return sorted(os.listdir(uri))
-
-
-# --- writer lease -------------------------------------------------------------------------
-
-LEASE_TTL_S = 120.0
-
-
-class StoreBusy(SoapError):
-    """Another writer holds the store's lease."""
-
-
-def lease_location(uri: str) -> str:
-    """Where the writer lease of the store at ``uri`` lives: a hidden sibling of the store."""
-    if _is_url(uri):
-        base = str(uri).rstrip("/")
-        proto, _, path = base.partition("://")
-        head, sep, name = path.rpartition("/")
-        if not sep:  # a store at the root of a bucket
-            return f"{base}/.soapflow-lease"
-        return f"{proto}://{head}/.{name}.soapflow-lease"
-    path = os.path.abspath(os.path.expanduser(str(uri)))
-    parent, name = os.path.split(path.rstrip(os.sep) or os.sep)
-    return os.path.join(os.path.realpath(parent), f".{name}.soapflow-lock")
-
-
-def _holder_note(mode: str) -> dict:
-    return {"pid": os.getpid(), "host": socket.gethostname(), "since": _utcnow(), "mode": mode,
-            "command": " ".join(sys.argv)[:300]}
-
-
-def _describe_holder(doc: dict | None) -> str:
-    if not doc or "pid" not in doc:
-        return "another process"
-    since = f" since {doc['since']}" if doc.get("since") else ""
-    return f"pid {doc['pid']} on {doc.get('host', '?')}{since}"
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, ValueError, TypeError, OverflowError):
-        return True
-    return True
-
-
-def _busy(uri: str, holder: str, shared: bool) -> StoreBusy:
-    what = "being written" if not shared else "being filled by other writers"
-    return StoreBusy(
-        f"feature store {uri} is {what} ({holder}); wait for that run to finish or choose another "
-        "output — a run that was killed releases the store by itself"
-    )
-
-
-class _FileLease:
-    """A POSIX record lock on a sibling file: shared or exclusive, dropped by the kernel when
-    the holding process dies. The file is removed by the last holder; a holder re-checks that
-    the path still names the inode it locked, so removal never lets two writers in."""
-
-    def __init__(self, path: str, uri: str, storage_options: dict | None):
-        self.path, self.uri, self.fd = path, uri, None
-
-    def acquire(self, mode: str) -> None:
-        import fcntl
-
-        try:
-            os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        except OSError as exc:
-            raise SoapError(f"feature store {self.uri}: cannot create its folder: {_reason(exc)}") from None
-        flag = fcntl.LOCK_SH if mode == "shared" else fcntl.LOCK_EX
-        while True:
-            try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError as exc:
-                raise SoapError(
-                    f"feature store {self.uri}: cannot open its writer lease {self.path}: {_reason(exc)}"
-                ) from None
-            try:
-                fcntl.lockf(fd, flag | fcntl.LOCK_NB)
-            except OSError as exc:
-                if exc.errno in (errno.EACCES, errno.EAGAIN):
-                    try:
-                        note = json.loads(os.pread(fd, 4096, 0) or b"{}")
-                    except (OSError, ValueError):
-                        note = None
-                    os.close(fd)
-                    raise _busy(self.uri, _describe_holder(note), shared=False) from None
-                os.close(fd)  # a file system without POSIX locks: write without a lease
-                return
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)  # the last holder removed the file meanwhile: lock the new one
-        self.fd = fd
-        if mode == "exclusive":
-            with contextlib.suppress(OSError):  # the note only names the holder in messages
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(_holder_note(mode)).encode(), 0)
-
-    def release(self) -> None:
-        import fcntl
-
-        fd, self.fd = self.fd, None
-        if fd is None:
-            return
-        try:
-            # remove the file only while holding it exclusively (no one else has it locked)
-            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            if os.path.samestat(os.fstat(fd), os.stat(self.path)):
-                os.unlink(self.path)
-        except OSError:
-            pass
-        finally:
-            os.close(fd)
-
-
-class _ObjectLease:
-    """A marker object created with a conditional put (``If-None-Match: *``) and renewed by a
-    background thread; one not renewed for its ``ttl`` (or left by a dead process on this
-    host) is taken over. Shared writers only check that no live exclusive lease exists."""
-
-    def __init__(self, url: str, uri: str, storage_options: dict | None):
-        import fsspec
-
-        self.uri = uri
-        self.fs, self.path = fsspec.core.url_to_fs(url, **(storage_options or {}))
-        self.token = uuid.uuid4().hex
-        self.held = False
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _read(self) -> dict | None:
-        try:
-            self.fs.invalidate_cache()
-            return json.loads(self.fs.cat_file(self.path))
-        except FileNotFoundError:
-            return None
-        except ValueError:
-            return {}
-        except Exception as exc:
-            raise SoapError(f"feature store {self.uri}: cannot read its writer lease: {_reason(exc)}") from None
-
-    def _doc(self) -> bytes:
-        return json.dumps({**_holder_note("exclusive"), "token": self.token, "renewed": time.time(),
-                           "ttl": LEASE_TTL_S}).encode()
-
-    @staticmethod
-    def _stale(doc: dict) -> bool:
-        try:
-            if time.time() - float(doc.get("renewed", 0)) > float(doc.get("ttl", LEASE_TTL_S)):
-                return True
-        except (TypeError, ValueError):
-            return True
-        return doc.get("host") == socket.gethostname() and "pid" in doc and not _pid_alive(doc["pid"])
-
-    def acquire(self, mode: str) -> None:
-        current = self._read()
-        if mode == "shared":
-            if current is not None and not self._stale(current):
-                raise _busy(self.uri, _describe_holder(current), shared=False)
-            return
-        for _ in range(5):
-            try:
-                self.fs.pipe_file(self.path, self._doc(), mode="create")
-                break
-            except FileExistsError:
-                current = self._read()
-                if current is not None and not self._stale(current):
-                    raise _busy(self.uri, _describe_holder(current), shared=False) from None
-                with contextlib.suppress(FileNotFoundError):
-                    self.fs.rm_file(self.path)  # a dead writer's lease: take it over
-            except (TypeError, NotImplementedError, ValueError):
-                # a file system without conditional puts: best effort
-                self.fs.pipe_file(self.path, self._doc())
-                break
-            except Exception as exc:
-                raise SoapError(f"feature store {self.uri}: cannot take its writer lease: {_reason(exc)}") from None
-        else:
-            raise _busy(self.uri, "another process", shared=False)
-        self.held = True
-        self._thread = threading.Thread(target=self._renew, name="store-lease", daemon=True)
-        self._thread.start()
-
-    def _renew(self) -> None:
-        while not self._stop.wait(LEASE_TTL_S / 4):
-            try:
-                current = self._read()
-                if not current or current.get("token") != self.token:
-                    return  # lost (taken over after a long stall): stop renewing someone else's
-                self.fs.pipe_file(self.path, self._doc())
-            except Exception:  # a transient outage: try again next period
-                continue
-
-    def release(self) -> None:
-        if not self.held:
-            return
-        self.held = False
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        with contextlib.suppress(Exception):
-            current = self._read()
-            if current and current.get("token") == self.token:
-                self.fs.rm_file(self.path)
-
-
-@dataclass
-class _Held:
-    backend: Any
-    mode: str
-    owners: dict = field(default_factory=dict)  # thread ident -> nesting depth
-
-
-_LEASES: dict[str, _Held] = {}
-_LEASES_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def store_lease(uri: str, storage_options: dict | None = None, *, shared: bool = False):
-    """Hold the writer lease of the store at ``uri`` (see the module doc).
-
-    Exclusive: nobody else writes the store meanwhile (creating it, or a whole extraction).
-    Shared: other shared writers may fill other chunks, but no exclusive writer runs. Within
-    one process the lease is re-entrant per thread. Raises ``StoreBusy`` naming the holder."""
-    key = lease_location(uri)
-    mode = "shared" if shared else "exclusive"
-    me = threading.get_ident()
-    with _LEASES_LOCK:
-        held = _LEASES.get(key)
-        if held is None:
-            backend = (_ObjectLease if _is_url(uri) else _FileLease)(key, str(uri), storage_options)
-            backend.acquire(mode)
-            held = _LEASES[key] = _Held(backend, mode)
-        elif not ((held.mode == "exclusive" and set(held.owners) == {me})
-                  or (held.mode == "shared" and mode == "shared")):
-            raise _busy(str(uri), f"another thread of this process, pid {os.getpid()}", shared=held.mode == "shared")
-        held.owners[me] = held.owners.get(me, 0) + 1
-    try:
-        yield
-    finally:
-        with _LEASES_LOCK:
-            held.owners[me] -= 1
-            if not held.owners[me]:
-                del held.owners[me]
-            if not held.owners:
-                _LEASES.pop(key, None)
-                held.backend.release()
 
 
 @dataclass
@@ -414,9 +132,8 @@ class FeatureStore:
         Runs under the store's exclusive writer lease; never overwrites a location that
         holds anything but a soapflow store whose creation was interrupted.
 
-        ``tokens`` is uncompressed unless ``compress``: ViT tokens in float16 shrink only to
-        ~92 % with zstd, and decoding (~1.4 GB/s per core) costs the fit, which reads the real
-        store twice, ~5 % of its time. Readers take either."""
+        ``tokens`` is uncompressed unless ``compress``: float16 ViT tokens barely compress, and
+        the fit, which reads the real store twice, would pay for decoding. Readers take either."""
         if dtype not in STORE_DTYPES:
             raise SoapError(f"store dtype {dtype!r} not supported; use one of {STORE_DTYPES} (zarr has no bfloat16)")
         if count < 1 or chunk < 1:
@@ -439,7 +156,7 @@ class FeatureStore:
                     keys = set(group.array_keys())
                     mine = dict(group.attrs)
                 except Exception as exc:
-                    raise SoapError(f"feature store {uri}: cannot read its zarr metadata: {_reason(exc)}") from None
+                    raise SoapError(f"feature store {uri}: cannot read its zarr metadata: {io_reason(exc)}") from None
                 if TOKENS in keys and COMPLETE in keys and "soapflow_store" in mine:
                     existing = cls(str(uri), group, storage_options)
                     existing._check_resumable(shape, chunk, attrs)
@@ -456,7 +173,7 @@ class FeatureStore:
             except SoapError:
                 raise
             except Exception as exc:
-                raise SoapError(f"feature store {uri}: cannot create it: {_reason(exc)}") from exc
+                raise io_error(f"feature store {uri}: cannot create it: {io_reason(exc)}", exc) from exc
 
     @classmethod
     def _initialise(cls, uri, group, shape, chunk, dtype, attrs, storage_options, compress) -> FeatureStore:
@@ -466,7 +183,7 @@ class FeatureStore:
             "grid": [h, w],
             "dim": dim,
             "count": count,
-            "created": _utcnow(),
+            "created": utc_now(),
             **attrs,
         }
         if group is None:
@@ -488,7 +205,7 @@ class FeatureStore:
         """Delete the temporary files of chunk writes a killed process left behind (local
         stores; zarr writes each chunk to ``*.partial`` and renames it into place). Only
         called under the exclusive lease, when no other local writer can be mid-write."""
-        if _is_url(self.uri):
+        if is_url(self.uri):
             return
         for sub in (TOKENS, COMPLETE):
             for dirpath, _dirs, files in os.walk(os.path.join(self.uri, sub)):
@@ -503,7 +220,7 @@ class FeatureStore:
         try:
             present = TOKENS in self.group.array_keys()
         except Exception as exc:
-            raise SoapError(f"feature store {self.uri}: cannot read its zarr metadata: {_reason(exc)}") from None
+            raise SoapError(f"feature store {self.uri}: cannot read its zarr metadata: {io_reason(exc)}") from None
         if not present:
             raise SoapError(f"feature store {self.uri}: no '{TOKENS}' array")
         if self.tokens.ndim != 4:
@@ -583,7 +300,7 @@ class FeatureStore:
             array = self.tokens.with_config({"write_empty_chunks": True})
             complete = self.group[COMPLETE]
         except Exception as exc:  # a lost connection while reading the arrays' metadata
-            raise SoapError(self._write_failure(f"cannot write chunk {i}", exc)) from exc
+            raise io_error(self._write_failure(f"cannot write chunk {i}", exc), exc) from exc
         size = array.chunks[0]
         rows = range(i * size, min(array.shape[0], (i + 1) * size))
         tokens = np.asarray(tokens)
@@ -602,17 +319,17 @@ class FeatureStore:
             array[rows.start : rows.stop] = stored
             complete[i] = 1
         except Exception as exc:  # disk full, lost connection, permissions
-            raise SoapError(self._write_failure(f"cannot write chunk {i}", exc)) from exc
+            raise io_error(self._write_failure(f"cannot write chunk {i}", exc), exc) from exc
 
     def _write_failure(self, what: str, exc: BaseException) -> str:
         kept = "complete chunks are kept"
-        if not _is_url(self.uri):  # (remotely, counting them would wait out the same outage)
+        if not is_url(self.uri):  # (remotely, counting them would wait out the same outage)
             with contextlib.suppress(Exception):
                 done = int(np.count_nonzero(self.group[COMPLETE][:]))
                 kept = f"{done} of {self.n_chunks} chunks are complete and kept"
         full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
         return (
-            f"feature store {self.uri}: {what}: {_reason(exc)}; {kept} — "
+            f"feature store {self.uri}: {what}: {io_reason(exc)}; {kept} — "
             f"{'free some space' if full else 'fix the cause'} and rerun the same command to resume"
         )
 
@@ -621,7 +338,7 @@ class FeatureStore:
         try:
             self.group.attrs.update(attrs)
         except Exception as exc:
-            raise SoapError(self._write_failure("cannot record its attributes", exc)) from exc
+            raise io_error(self._write_failure("cannot record its attributes", exc), exc) from exc
 
     def finalize(self, **attrs) -> None:
         """Record completion time and any summary attributes once every chunk is written."""
@@ -629,9 +346,9 @@ class FeatureStore:
         if pending:
             raise SoapError(f"feature store {self.uri}: {len(pending)} chunks still pending, first {pending[0]}")
         try:
-            self.group.attrs.update({"completed": _utcnow(), **attrs})
+            self.group.attrs.update({"completed": utc_now(), **attrs})
         except Exception as exc:
-            raise SoapError(self._write_failure("cannot record completion", exc)) from exc
+            raise io_error(self._write_failure("cannot record completion", exc), exc) from exc
 
     # --- reading --------------------------------------------------------------------------
 

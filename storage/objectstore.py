@@ -23,13 +23,10 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Union
 
-from soapflow.errors import SoapError
+from soapflow.common import is_url
+from soapflow.errors import SoapError, io_error
 
 Source = Union[bytes, Path]
-
-
-def is_url(root: str) -> bool:
-    return "://" in str(root)
 
 
 def open_store(root: str | os.PathLike, storage_options: dict | None = None):
@@ -178,7 +175,7 @@ class FsspecStore:
             raise
         except Exception as exc:  # botocore credential/endpoint errors are not OSErrors
             msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise SoapError(f"registry {self.url}: cannot {what} {key or '/'}: {type(exc).__name__}: {msg}") from None
+            raise io_error(f"registry {self.url}: cannot {what} {key or '/'}: {type(exc).__name__}: {msg}", exc) from None
 
     def path(self, key: str) -> str:
         return f"{self.base}/{key}" if key else self.base

@@ -30,11 +30,9 @@ next publisher steps over — there is no lock to release.
 
 from __future__ import annotations
 
-import datetime as dt
 import getpass
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -47,7 +45,9 @@ from typing import Any, Callable, Iterable
 
 from soapflow.errors import SoapError, json_object
 from storage.artifact import MANIFEST_FILE, TENSORS_FILE, read_artifact, sha256_file, verify_artifact
-from storage.objectstore import is_url, open_store
+from soapflow.common import is_url, utc_now
+from storage.diff import diff_artifacts, dotted, same_value
+from storage.objectstore import open_store
 
 REGISTRY_SCHEMA = 1
 VERSIONS = "~versions"
@@ -195,7 +195,7 @@ class PublishResult:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+    return utc_now("milliseconds")
 
 
 def _dumps(obj: Any) -> bytes:
@@ -232,25 +232,6 @@ def _artifact_files(artifact_dir: Path) -> dict[str, Path]:
             continue
         files[rel.as_posix()] = path
     return files
-
-
-def _same_value(a: Any, b: Any) -> bool:
-    if isinstance(a, bool) or isinstance(b, bool):
-        return a == b
-    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-        return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=1e-12)
-    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
-        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b))
-    return a == b
-
-
-def _dotted(d: dict, key: str) -> Any:
-    cur: Any = d
-    for part in key.split("."):
-        if not isinstance(cur, dict) or part not in cur:
-            return None
-        cur = cur[part]
-    return cur
 
 
 # --------------------------------------------------------------------------------------------
@@ -644,7 +625,7 @@ class Registry:
         names = [validate_name(name_filter)] if name_filter is not None else None
         for rec in self.records(names):
             manifest = rec.get("manifest") or {}
-            if any(not _same_value(_dotted(manifest, k.replace("__", ".")), v) for k, v in filters.items()):
+            if any(not same_value(dotted(manifest, k.replace("__", ".")), v) for k, v in filters.items()):
                 continue
             if predicate is not None and not predicate(rec):
                 continue
@@ -668,13 +649,13 @@ class Registry:
 
         def match(rec: dict) -> bool:
             m = rec.get("manifest") or {}
-            if m.get("weights") != weights or not _same_value(m.get("layer"), layer):
+            if m.get("weights") != weights or not same_value(m.get("layer"), layer):
                 return False
             if backbone is not None and m.get("backbone") != backbone:
                 return False
-            if _dotted(m, "stores.real.fingerprint") != data_fingerprint:
+            if dotted(m, "stores.real.fingerprint") != data_fingerprint:
                 return False
-            if synth_fingerprint is not None and _dotted(m, "stores.synthetic.fingerprint") != synth_fingerprint:
+            if synth_fingerprint is not None and dotted(m, "stores.synthetic.fingerprint") != synth_fingerprint:
                 return False
             for key, want in params.items():
                 if want is None and key not in m:
@@ -687,7 +668,7 @@ class Registry:
                     return False
                 if key == "feature" and want is None:
                     want = "out"
-                if not _same_value(m.get(key), want):
+                if not same_value(m.get(key), want):
                     return False
             return True
 
@@ -720,80 +701,3 @@ def _ranges(versions: list[int]) -> str:
         if v is not None:
             start = prev = v
     return ", ".join(out)
-
-
-def suppressed_rows(tensors: dict) -> "Any":
-    import numpy as np
-
-    from soapflow.method import suppressed
-
-    return np.flatnonzero(suppressed(tensors["weights"], tensors["scores"]))
-
-
-DIFF_KEYS = (
-    "backbone", "weights", "layer", "feature", "image_size", "grid", "dim", "mu", "mu_mode", "tau",
-    "gamma", "threshold", "suppress", "n_suppressed", "n_real_images", "n_synth_images",
-    "stores.real.uri", "stores.real.fingerprint", "stores.synthetic.uri", "stores.synthetic.fingerprint",
-)
-
-
-def diff_artifacts(a: tuple[str, Any], b: tuple[str, Any]) -> dict:
-    """Compare two loaded artifacts (``(label, Artifact)`` each)."""
-    import numpy as np
-    from scipy.linalg import subspace_angles
-
-    (la, art_a), (lb, art_b) = a, b
-    ta, tb = art_a.tensors, art_b.tensors
-    da, db = ta["projector"].shape[0], tb["projector"].shape[0]
-    if da != db:
-        raise SoapError(f"cannot diff {la} (D={da}) and {lb} (D={db}): token dimensions differ")
-    sa, sb = suppressed_rows(ta), suppressed_rows(tb)
-    ca, cb = ta["components"].astype(np.float64), tb["components"].astype(np.float64)
-    if len(sa) and len(sb):
-        angles = np.degrees(subspace_angles(ca[sa].T, cb[sb].T))
-        angles = sorted(float(x) for x in angles)
-    else:
-        angles = []
-    # each suppressed component of A against its best-aligned component of B (and back)
-    def matches(src_rows, c_src, c_dst, t_src, t_dst):
-        out = []
-        for r in src_rows:
-            cos = np.abs(c_dst @ c_src[r])
-            j = int(np.argmax(cos))
-            out.append({
-                "rank": int(r), "match_rank": j, "abs_cos": float(cos[j]),
-                "score": float(t_src["scores"][r]), "match_score": float(t_dst["scores"][j]),
-                "score_change": float(t_dst["scores"][j] - t_src["scores"][r]),
-                "weight": float(t_src["weights"][r]), "match_weight": float(t_dst["weights"][j]),
-            })
-        return out
-
-    pa = ta["projector"].astype(np.float64)
-    pb = tb["projector"].astype(np.float64)
-    fro = float(np.linalg.norm(pa - pb))
-    k = min(len(ta["scores"]), 10)
-    params = {}
-    for key in DIFF_KEYS:
-        va, vb = _dotted(art_a.manifest, key), _dotted(art_b.manifest, key)
-        if not _same_value(va, vb):
-            params[key] = [va, vb]
-    return {
-        "a": la,
-        "b": lb,
-        "same_content": art_a.content_hash == art_b.content_hash,
-        "dim": da,
-        "n_suppressed": [int(len(sa)), int(len(sb))],
-        "suppressed_ranks": [[int(x) for x in sa], [int(x) for x in sb]],
-        "principal_angles_deg": angles,
-        "max_principal_angle_deg": max(angles) if angles else None,
-        "matches_a_to_b": matches(sa, ca, cb, ta, tb),
-        "matches_b_to_a": matches(sb, cb, ca, tb, ta),
-        "score_change_by_rank": [
-            {"rank": i, "a": float(ta["scores"][i]), "b": float(tb["scores"][i]),
-             "change": float(tb["scores"][i] - ta["scores"][i])}
-            for i in range(k)
-        ],
-        "projector_frobenius": fro,
-        "projector_frobenius_relative": fro / max(float(np.linalg.norm(pa)), 1e-30),
-        "parameters": params,
-    }

@@ -5,10 +5,12 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from soapflow.results import FitResult
+
 
 @task(name="fit-soap", cache_policy=NO_CACHE)
 def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, *, mu, tau: float, gamma: float,
-                 threshold: float, dask_address: str | None = None, extra_manifest: dict | None = None) -> dict:
+                 threshold: float, dask_address: str | None = None, extra_manifest: dict | None = None) -> FitResult:
     """Fit and write the artifact; returns its path, manifest and the top SI components."""
     import numpy as np
 
@@ -21,4 +23,4 @@ def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, *, mu, tau: float,
     explained = fit.explained_variance
     top = [{"rank": int(d), "si_score": round(float(fit.scores[d]), 4), "weight": round(float(fit.weights[d]), 4),
             "explained_variance": round(float(explained[d]), 4)} for d in order]
-    return {"path": str(path), "manifest": manifest, "top": top}
+    return FitResult(path=str(path), manifest=manifest, top=top)

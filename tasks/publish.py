@@ -5,13 +5,17 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from soapflow.errors import retry_transient
+from soapflow.results import Published
 
-@task(name="publish-artifact", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def publish_artifact(artifact_dir: str, registry: str | None, name: str | None, lineage: dict) -> dict:
+
+# Retried on transient I/O errors only (an object store's outage): publishing is idempotent.
+@task(name="publish-artifact", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient,
+      cache_policy=NO_CACHE)
+def publish_artifact(artifact_dir: str, registry: str | None, name: str | None, lineage: dict) -> Published:
     """Publish (idempotent: identical content returns the existing version)."""
     from storage.registry import Registry
 
     reg = Registry(registry)
     res = reg.publish(artifact_dir, name=name, lineage=lineage)
-    return {"ref": res.ref, "name": res.name, "version": res.version, "created": res.created,
-            "registry": str(reg.root)}
+    return Published(ref=res.ref, name=res.name, version=res.version, created=res.created, registry=str(reg.root))

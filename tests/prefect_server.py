@@ -37,6 +37,31 @@ def _tail(path: Path, n: int = 4000) -> str:
         return ""
 
 
+class RetryingClient(httpx.Client):
+    """An httpx client that retries what the Prefect server marks as retryable, like Prefect's own.
+
+    The server answers 503 when SQLite reports the database busy (``SQLITE_BUSY``, or at once
+    with ``SQLITE_BUSY_SNAPSHOT`` when a transaction's snapshot went stale under another writer,
+    which no busy timeout waits out); on a loaded machine its services, the worker and the test
+    collide more often. A rolled-back request changed nothing, so Prefect's clients send it
+    again (``PREFECT_CLIENT_MAX_RETRIES``); the test's own requests do the same.
+    """
+
+    RETRY_STATUS = (429, 502, 503)
+
+    def __init__(self, *args, attempts: int = 8, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.attempts = attempts
+
+    def request(self, method, url, **kwargs) -> httpx.Response:
+        for attempt in range(self.attempts):
+            response = super().request(method, url, **kwargs)
+            if response.status_code not in self.RETRY_STATUS or attempt == self.attempts - 1:
+                return response
+            time.sleep(min(0.5 * 2**attempt, 8.0))  # backoff, as Prefect's client does
+        return response
+
+
 class Proc:
     """A background process in its own process group, output to a log file."""
 
@@ -125,7 +150,7 @@ class PrefectServer:
         self.env = env
         self.procs: list[Proc] = []
         self.server: Proc | None = None
-        self.http = httpx.Client(base_url=self.api_url, timeout=30)
+        self.http = RetryingClient(base_url=self.api_url, timeout=30)
 
     # -- lifecycle -------------------------------------------------------------------------------
     def start(self, timeout: float = 120.0) -> None:

@@ -393,3 +393,12 @@ def test_original_dinov2_layout(tiny, tiny_images, tmp_path):
     torch.save({"teacher": sd, "iteration": 10}, p)
     bb = load_backbone("vit_tiny_patch16_224", weights=p)
     assert torch.equal(bb.tokens(tiny_images), tiny.tokens(tiny_images))
+
+
+def test_default_image_size_from_timm_config():
+    from soapflow.backbones import _default_image_size
+
+    assert _default_image_size("vit_tiny_patch16_224") == 224
+    assert _default_image_size("vit_base_patch16_384.augreg_in21k_ft_in1k") == 384
+    assert _default_image_size("vit_tiny_patch16_224.no_such_tag") is None  # timm raises for an unknown tag
+    assert _default_image_size("not_a_timm_model") is None

@@ -126,3 +126,35 @@ def test_refit_deployment_on_a_real_server(tmp_path):
         assert report["clean"], f"{report['name']} did not stop on SIGINT within 30 s"
         assert not report["leftover"], f"{report['name']} left processes behind: {report['leftover']}"
 
+
+
+def test_test_client_retries_what_the_server_marks_retryable():
+    """The server answers 503 while SQLite is busy (a loaded machine): the test's requests are
+    sent again, as Prefect's own client does; other errors are returned at once."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from prefect_server import RetryingClient
+
+    answers = {"/busy": [503, 503, 200], "/broken": [500, 200]}
+    seen = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            seen.append(self.path)
+            code = answers[self.path].pop(0)
+            self.send_response(code)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with RetryingClient(base_url=f"http://127.0.0.1:{server.server_port}", timeout=10) as client:
+            assert client.post("/busy").status_code == 200 and seen.count("/busy") == 3
+            assert client.post("/broken").status_code == 500 and seen.count("/broken") == 1
+    finally:
+        server.shutdown()

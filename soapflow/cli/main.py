@@ -12,7 +12,7 @@ import typer
 # where refits run, and the failed attempt prints an ERROR line. Users can still opt in.
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
-from soapflow.errors import SoapError
+from soapflow.errors import SoapError, TransientError
 
 app = typer.Typer(
     name="soap",
@@ -49,10 +49,11 @@ _register()
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors (bad input, or an I/O failure that a rerun may get past) become
+    one line on stderr and exit code 2."""
     try:
         app()
-    except SoapError as exc:
+    except (SoapError, TransientError) as exc:
         typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
         sys.exit(2)
 
@@ -60,7 +61,7 @@ def main() -> None:
 def _exit_without_teardown(status: list[int]) -> None:
     # Registered first, so it runs after every other atexit hook (Prefect's log and event
     # workers draining, the temporary server stopping). What it skips is the interpreter tearing down
-    # torch, Prefect and thousands of modules: ~2 s on 2 cores that change nothing on disk.
+    # torch, Prefect and thousands of modules, which changes nothing on disk.
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status[0])

@@ -21,11 +21,12 @@ Report schema (``schema`` 1)::
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
 
 import numpy as np
+
+from soapflow.common import utc_now
 
 from soapflow.evaluation.stats import Paired
 
@@ -83,7 +84,7 @@ def make_report(
             "timing_s": timing_s or {},
             "grid_png": grid_png,
             "soapflow_version": __version__,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "created": utc_now(),
             **(extra or {}),
         }
     )

@@ -71,8 +71,8 @@ def reference(images, tmp_path_factory):
 @pytest.fixture
 def no_leftover_leases():
     """Every lease a test takes in this process is released by its end."""
-    from storage import feature_store
+    from storage import lease
 
     yield
-    assert not feature_store._LEASES, feature_store._LEASES
+    assert not lease._LEASES, lease._LEASES
 

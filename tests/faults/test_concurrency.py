@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 
 from soapflow.errors import SoapError
-from storage import feature_store
-from storage.feature_store import FeatureStore, StoreBusy, lease_location, store_lease
+from storage import lease as lease_module
+from storage.feature_store import FeatureStore
+from storage.lease import StoreBusy, lease_location, store_lease
 from tests.faults.conftest import extract_args
 from tests.faults.helpers import (
     ENV, REPO, assert_clean_error, killer_cmd, same_bits, soap_cmd, tokens_of, wait_for,
@@ -138,12 +139,12 @@ def test_two_refits_fill_one_store_without_corrupting_it(tmp_path, no_leftover_l
 
             def shard(k):
                 try:
-                    results[k] = extract_shard.fn(plan["uri"], plan["created"], plan["shards"][k], spec, source, n,
+                    results[k] = extract_shard.fn(plan.uri, plan.created, plan.shards[k], spec, source, n,
                                                   0, 0, progress=False)
                 except StoreBusy as exc:
                     errors.append(exc)
 
-            threads = [threading.Thread(target=shard, args=(k,)) for k in range(len(plan["shards"]))]
+            threads = [threading.Thread(target=shard, args=(k,)) for k in range(len(plan.shards))]
             for t in threads:
                 t.start()
             for t in threads:
@@ -175,7 +176,7 @@ def test_two_refits_fill_one_store_without_corrupting_it(tmp_path, no_leftover_l
 
     def shard(plan, k):
         go.wait()
-        done.append(extract_shard.fn(plan["uri"], plan["created"], plan["shards"][k], spec, source, n, 0, 0,
+        done.append(extract_shard.fn(plan.uri, plan.created, plan.shards[k], spec, source, n, 0, 0,
                                      progress=False))
 
     threads = [threading.Thread(target=shard, args=(p, k)) for p in plans for k in range(2)]
@@ -224,7 +225,7 @@ def test_object_store_lease(s3, no_leftover_leases):
     bucket = s3.new_bucket()
     uri = f"s3://{bucket}/stores/real"
     opts = _s3_options(s3)
-    other = lambda: feature_store._ObjectLease(lease_location(uri), uri, opts)  # noqa: E731  (another process)
+    other = lambda: lease_module._ObjectLease(lease_location(uri), uri, opts)  # noqa: E731  (another process)
     fs, key = fsspec.core.url_to_fs(lease_location(uri), **opts)
     assert lease_location(uri) == f"s3://{bucket}/stores/.real.soapflow-lease"
 
@@ -254,6 +255,47 @@ def test_object_store_lease(s3, no_leftover_leases):
     with store_lease(uri, opts):
         pass
     assert not fs.exists(key)
+
+
+def test_a_lease_that_cannot_renew_says_so(s3, monkeypatch, caplog, no_leftover_leases):
+    """An outage while the lease is held: each failed renewal is a warning naming the store and
+    the reason; once the ttl has passed, an error that the lease expired; a lease another writer
+    took over is reported as lost."""
+    import logging
+
+    import fsspec
+
+    monkeypatch.setattr(lease_module, "LEASE_TTL_S", 0.8)  # renewed every 0.2 s
+    bucket = s3.new_bucket()
+    uri = f"s3://{bucket}/stores/real"
+    opts = _s3_options(s3)
+    fs, key = fsspec.core.url_to_fs(lease_location(uri), **opts)
+    caplog.set_level(logging.WARNING, logger="storage.lease")
+    with store_lease(uri, opts):
+        held = lease_module._LEASES[lease_location(uri)].backend
+
+        def outage(*args, **kw):
+            raise ConnectionResetError(104, "Connection reset by peer")
+
+        monkeypatch.setattr(held.fs, "pipe_file", outage)
+        assert wait_for(lambda: held.lost is not None, timeout=10)
+        monkeypatch.undo()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert warnings and all(uri in w and "cannot renew its writer lease" in w and "ECONNRESET" in w for w in warnings)
+    assert any(uri in e and "writer lease expired" in e for e in errors), errors
+    assert held.lost.startswith("expired")
+    caplog.clear()
+
+    monkeypatch.setattr(lease_module, "LEASE_TTL_S", 0.8)
+    with store_lease(uri, opts):
+        held = lease_module._LEASES[lease_location(uri)].backend
+        fs.pipe_file(key, json.dumps({"pid": 1, "host": "elsewhere", "token": "theirs", "renewed": time.time(),
+                                      "ttl": 120}).encode())  # taken over by another writer after a stall
+        assert wait_for(lambda: held.lost is not None, timeout=10)
+    assert held.lost == "taken over by another writer"
+    assert any("writer lease lost (taken over by another writer)" in r.getMessage() for r in caplog.records)
+    fs.rm_file(key)
 
 
 def test_extraction_to_s3_holds_and_releases_its_lease(s3, tmp_path, no_leftover_leases):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import soapflow.extract as ex
+from soapflow.errors import SoapError, TransientError
 from storage.feature_store import FeatureStore
 from tests.faults.helpers import DroppableEndpoint, same_bits
 
@@ -81,8 +82,8 @@ def test_flow_survives_a_dropped_s3_connection(s3_outage, tmp_path, monkeypatch)
     @flow(name="extract-to-s3")
     def extract_to_s3():
         plan = prepare_store.submit(uri, SPEC, source, n, 0, chunk, "float16", 1).result()
-        shards = [extract_shard.submit(plan["uri"], plan["created"], c, SPEC, source, n, 0, 0, False)
-                  for c in plan["shards"]]
+        shards = [extract_shard.submit(plan.uri, plan.created, c, SPEC, source, n, 0, 0, False)
+                  for c in plan.shards]
         return finalize_store.submit(uri, shards).result()
 
     real_write, real_extract = FeatureStore.write_chunk, ex.extract_chunks
@@ -107,7 +108,7 @@ def test_flow_survives_a_dropped_s3_connection(s3_outage, tmp_path, monkeypatch)
     result = extract_to_s3()
     assert proxy.drops == 1 and len(attempts) == 2, (attempts, seen)
     assert uri in seen[0] and "cannot write chunk 2" in seen[0], seen
-    assert result["written_images"] == 8  # chunks 0 and 1 were kept, only 2 and 3 redone
+    assert result.stats.images == 8  # chunks 0 and 1 were kept, only 2 and 3 redone
     monkeypatch.undo()
 
     store = FeatureStore.open(uri)
@@ -115,3 +116,63 @@ def test_flow_survives_a_dropped_s3_connection(s3_outage, tmp_path, monkeypatch)
     local, _ = ex.extract("vit_tiny_patch16_224", source, str(tmp_path / "local"), weights="random", image_size=32,
                           n=n, chunk=chunk, progress=False)
     assert same_bits(np.asarray(store.tokens[:]), np.asarray(local.tokens[:]))
+
+
+def test_transient_errors_are_told_from_input_errors():
+    import errno
+
+    import botocore.exceptions
+
+    from soapflow.errors import SoapError, TransientError, io_error, is_transient
+
+    assert is_transient(OSError(errno.ENOSPC, "No space left on device"))
+    assert is_transient(ConnectionResetError("peer reset")) and is_transient(TimeoutError())
+    assert is_transient(botocore.exceptions.EndpointConnectionError(endpoint_url="http://x"))
+    assert not is_transient(PermissionError(errno.EACCES, "Permission denied"))
+    assert not is_transient(FileNotFoundError(errno.ENOENT, "gone"))
+    assert not is_transient(botocore.exceptions.NoCredentialsError())
+    assert not is_transient(SoapError("bad input")) and not is_transient(ZeroDivisionError())
+    full = io_error("store x: cannot write chunk 0", OSError(errno.ENOSPC, "full"))
+    assert isinstance(full, TransientError) and not isinstance(full, ValueError)
+    assert isinstance(io_error("store x: cannot write", PermissionError(errno.EACCES, "no")), SoapError)
+
+
+@pytest.mark.parametrize("error, attempts", [
+    (SoapError("feature store x: chunk 0 must be (4, 2, 2, 192)"), 1),  # input: the same again, not retried
+    (TransientError("feature store x: cannot write chunk 0: No space left on device (ENOSPC)"), 3),  # 1 + 2 retries
+])
+def test_tasks_retry_transient_errors_only(error, attempts, tmp_path, monkeypatch):
+    from prefect import flow
+    from prefect.states import State
+
+    from storage.registry import Registry
+    from tasks.extract import extract_shard, prepare_store
+    from tasks.publish import publish_artifact
+
+    monkeypatch.setattr("tasks.extract.extract_shard.retry_delay_seconds", 0)
+    monkeypatch.setattr("tasks.publish.publish_artifact.retry_delay_seconds", 0)
+    calls = {"extract": 0, "publish": 0}
+
+    def failing(what):
+        def fail(*args, **kw):
+            calls[what] += 1
+            raise error
+        return fail
+
+    monkeypatch.setattr(ex, "extract_chunks", failing("extract"))
+    monkeypatch.setattr(Registry, "publish", failing("publish"))
+    uri = str(tmp_path / "store")
+
+    @flow(name="retry-check")
+    def tasks_that_fail():
+        plan = prepare_store.submit(uri, SPEC, "noise:pink", 8, 0, 4, "float16", 1).result()
+        extracted = extract_shard.submit(plan.uri, plan.created, plan.shards[0], SPEC, "noise:pink", 8, 0, 0, False)
+        published = publish_artifact.submit(str(tmp_path / "artifact"), str(tmp_path / "reg"), None, {})
+        return [extracted.wait() or extracted.state, published.wait() or published.state]
+
+    states: list[State] = tasks_that_fail()
+    assert all(s.is_failed() for s in states)
+    assert calls == {"extract": attempts, "publish": attempts}
+    for s in states:
+        with pytest.raises(type(error), match=str(error)[:20].replace("(", r"\(")):
+            s.result()
