@@ -25,6 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from soapflow.common import default_workdir, is_url, slug
+from soapflow.config import FitParams
 from soapflow.extract import DEFAULT_CHUNK, default_device
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
@@ -145,8 +146,8 @@ def refit(
 
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
     real_extracted, synth_extracted = real_done.result(), synth_done.result()  # (an extraction's own error)
-    fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, mu=mu, tau=tau, gamma=gamma,
-                                 threshold=threshold, dask_address=dask_address,
+    fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir,
+                                 FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold), dask_address=dask_address,
                                  extra_manifest={"lineage": lineage}).result()
     result = {
         "artifact": fitted.path,

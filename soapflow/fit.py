@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from soapflow import method
+from soapflow.config import FitParams
 from soapflow.errors import SoapError
 from storage.feature_store import FeatureStore, check_compatible
 
@@ -134,20 +135,10 @@ def _run_passes(client, passes: list[tuple], desc: str, progress: bool) -> list[
     return results
 
 
-def check_parameters(mu, tau, gamma) -> None:
-    if mu != "auto" and (isinstance(mu, bool) or not isinstance(mu, (int, float)) or not mu >= 0
-                         or mu == float("inf")):
-        raise SoapError(f"--mu must be ≥ 0 or 'auto', got {mu!r}")
-    if not tau > 0 or tau == float("inf"):
-        raise SoapError(f"--tau must be > 0, got {tau}")
-    if not gamma > 0 or gamma == float("inf"):
-        raise SoapError(f"--gamma must be > 0, got {gamma}")
-
-
-def open_fit_inputs(real_uri: str, synth_uri: str, *, mu=2.0, tau=0.05, gamma=1.0,
-                    storage_options: dict | None = None) -> tuple[FeatureStore, FeatureStore]:
-    """Every check a fit can make before it reads a token: parameters, both stores, compatibility."""
-    check_parameters(mu, tau, gamma)
+def open_fit_inputs(real_uri: str, synth_uri: str, storage_options: dict | None = None
+                    ) -> tuple[FeatureStore, FeatureStore]:
+    """Every check a fit can make before it reads a token (``FitParams`` checked its parameters):
+    both stores, compatibility."""
     real = FeatureStore.open(real_uri, storage_options)
     synth = FeatureStore.open(synth_uri, storage_options)
     check_compatible(real, synth)
@@ -171,28 +162,15 @@ class FitInputs:
     n_synth_tokens: int
 
 
-def fit_stores(
-    real_uri: str,
-    synth_uri: str,
-    *,
-    client,
-    mu: float | str = 2.0,
-    tau: float = 0.05,
-    gamma: float = 1.0,
-    threshold: float = 0.75,
-    suppress: list[int] | None = None,
-    storage_options: dict | None = None,
-    progress: bool = True,
-) -> tuple[method.SoapFit, FitInputs]:
+def fit_stores(real_uri: str, synth_uri: str, params: FitParams = FitParams(), *, client,
+               storage_options: dict | None = None, progress: bool = True) -> tuple[method.SoapFit, FitInputs]:
     """Fit SOAP on a real and a synthetic feature store (SPEC §1), out of core, on ``client``."""
-    real, synth = open_fit_inputs(real_uri, synth_uri, mu=mu, tau=tau, gamma=gamma,
-                                  storage_options=storage_options)
-    return _fit_checked(client, real, synth, mu=mu, tau=tau, gamma=gamma, threshold=threshold, suppress=suppress,
-                        progress=progress)
+    real, synth = open_fit_inputs(real_uri, synth_uri, storage_options)
+    return _fit_checked(client, real, synth, params, progress)
 
 
-def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, gamma, threshold, suppress,
-                 progress) -> tuple[method.SoapFit, FitInputs]:
+def _fit_checked(client, real: FeatureStore, synth: FeatureStore, params: FitParams,
+                 progress: bool) -> tuple[method.SoapFit, FitInputs]:
     """The fit proper, on stores that ``open_fit_inputs`` has opened and checked."""
     h, w = real.grid
     moments = _run_passes(client, [(real, _leaf_moments, _merge_moments, ())], "fit: moments", progress)[0].value
@@ -208,17 +186,15 @@ def _fit_checked(client, real: FeatureStore, synth: FeatureStore, *, mu, tau, ga
         (synth, _leaf_counts, _merge_counts, (moments.mean, components)),
     ], "fit: response maps", progress))
     try:
-        fit = method.soap_from_statistics(
-            moments, components, eigenvalues, real_counts, real.count, synth_counts, synth.count,
-            mu=mu, tau=tau, gamma=gamma, threshold=threshold, suppress=suppress,
-        )
+        fit = method.soap_from_statistics(moments, components, eigenvalues, real_counts, real.count, synth_counts,
+                                          synth.count, params)
     except ValueError as exc:
         raise SoapError(str(exc)) from None
     inputs = FitInputs(real, synth, real.count, real.count * h * w, synth.count, synth.count * h * w)
     return fit, inputs
 
 
-def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str) -> dict:
+def fit_manifest(fit: method.SoapFit, inputs: FitInputs, params: FitParams) -> dict:
     """Manifest fields of SPEC §4 that a fit knows (the registry adds name and version)."""
     from soapflow import __version__
     from soapflow.common import utc_now
@@ -235,7 +211,7 @@ def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str)
         "grid": list(inputs.real.grid),
         "dim": inputs.real.dim,
         "mu": fit.mu,
-        "mu_mode": "auto" if mu_arg == "auto" else "fixed",
+        "mu_mode": "auto" if params.auto else "fixed",
         "tau": fit.tau,
         "gamma": fit.gamma,
         "threshold": fit.threshold,
@@ -252,41 +228,28 @@ def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str)
     }
 
 
-def fit_to_artifact(
-    real_uri: str,
-    synth_uri: str,
-    out_dir: str,
-    *,
-    client=None,
-    dask_address: str | None = None,
-    workers: int = 1,
-    mu: float | str = 2.0,
-    tau: float = 0.05,
-    gamma: float = 1.0,
-    threshold: float = 0.75,
-    suppress: list[int] | None = None,
-    storage_options: dict | None = None,
-    overwrite: bool = False,
-    plots: bool = True,
-    progress: bool = True,
-    extra_manifest: dict | None = None,
-):
-    """Fit two stores and write the artifact (with plots); return ``(path, fit, manifest)``. On
-    ``client`` if given (several fits sharing one cluster), else on ``dask_client(dask_address, workers)``."""
+def fit_to_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitParams = FitParams(), *,
+                    cluster=None, workers: int = 1, storage_options: dict | None = None, overwrite: bool = False,
+                    plots: bool = True, progress: bool = True, extra_manifest: dict | None = None):
+    """Fit two stores and write the artifact (with plots); return ``(path, fit, manifest)``.
+
+    ``cluster``: a ``distributed.Client`` (several fits sharing one cluster), a scheduler
+    address, or None for a local cluster of ``workers`` workers (``soapflow.cluster``)."""
     import contextlib
 
     from soapflow.cluster import dask_client
     from storage.artifact import check_artifact_target, fit_tensors, read_manifest, write_artifact
 
     # fail on bad input before starting a cluster or reading a token
-    real, synth = open_fit_inputs(real_uri, synth_uri, mu=mu, tau=tau, gamma=gamma, storage_options=storage_options)
+    real, synth = open_fit_inputs(real_uri, synth_uri, storage_options)
     check_artifact_target(out_dir, overwrite)
-    cluster = contextlib.nullcontext(client) if client is not None else dask_client(
-        dask_address, workers=workers, processes=workers > 1)
-    with cluster as client:
-        fit, inputs = _fit_checked(client, real, synth, mu=mu, tau=tau, gamma=gamma, threshold=threshold,
-                                   suppress=suppress, progress=progress)
-    manifest = {**fit_manifest(fit, inputs, mu_arg=mu), **(extra_manifest or {})}
+    if cluster is None or isinstance(cluster, str):
+        running = dask_client(cluster, workers=workers, processes=workers > 1)
+    else:
+        running = contextlib.nullcontext(cluster)
+    with running as client:
+        fit, inputs = _fit_checked(client, real, synth, params, progress)
+    manifest = {**fit_manifest(fit, inputs, params), **(extra_manifest or {})}
     extra_files = {}
     if plots:
         from soapflow import plots as soap_plots

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.special import expit
 
+from soapflow.config import FitParams
+
 EPS = 1e-12
 
 
@@ -203,22 +205,17 @@ def soap_from_statistics(
     n_real_images: int,
     synth_counts: np.ndarray,
     n_synth_images: int,
-    *,
-    mu: float | str = 2.0,
-    tau: float = 0.05,
-    gamma: float = 1.0,
-    threshold: float = 0.75,
-    suppress: list[int] | None = None,
+    params: FitParams = FitParams(),
 ) -> SoapFit:
     """Steps 4–7 given the real moments, the eigendecomposition and the activation counts."""
     p = response_map(real_counts, n_real_images)
     q = response_map(synth_counts, n_synth_images)
-    scores = si_scores(p, q, gamma)
-    mu_value = auto_mu(scores, threshold) if mu == "auto" else float(mu)
-    if suppress is not None:
-        weights = truncation_weights(len(scores), suppress)
+    scores = si_scores(p, q, params.gamma)
+    mu_value = auto_mu(scores, params.threshold) if params.auto else params.mu
+    if params.suppress is not None:
+        weights = truncation_weights(len(scores), list(params.suppress))
     else:
-        weights = suppression_weights(scores, mu_value, tau)
+        weights = suppression_weights(scores, mu_value, params.tau)
     return SoapFit(
         mean=real.mean,
         components=components,
@@ -229,8 +226,8 @@ def soap_from_statistics(
         weights=weights,
         projector=projector(components, weights),
         mu=mu_value,
-        tau=tau,
-        gamma=gamma,
-        threshold=threshold,
-        suppress=list(suppress) if suppress is not None else None,
+        tau=params.tau,
+        gamma=params.gamma,
+        threshold=params.threshold,
+        suppress=list(params.suppress) if params.suppress is not None else None,
     )

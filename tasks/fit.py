@@ -5,19 +5,19 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
+from soapflow.config import FitParams
 from soapflow.results import FitResult
 
 
 @task(name="fit-soap", cache_policy=NO_CACHE)
-def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, *, mu, tau: float, gamma: float,
-                 threshold: float, dask_address: str | None = None, extra_manifest: dict | None = None) -> FitResult:
+def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitParams, *, dask_address: str | None = None,
+                 extra_manifest: dict | None = None) -> FitResult:
     """Fit and write the artifact; returns its path, manifest and the top SI components."""
     import numpy as np
 
     from soapflow.fit import fit_to_artifact
 
-    path, fit, manifest = fit_to_artifact(real_uri, synth_uri, out_dir, dask_address=dask_address, mu=mu, tau=tau,
-                                          gamma=gamma, threshold=threshold, overwrite=True,
+    path, fit, manifest = fit_to_artifact(real_uri, synth_uri, out_dir, params, cluster=dask_address, overwrite=True,
                                           extra_manifest=extra_manifest)
     order = np.argsort(-fit.scores, kind="stable")[:8]
     explained = fit.explained_variance

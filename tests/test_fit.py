@@ -9,6 +9,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from soapflow.cluster import dask_client
+from soapflow.config import Auto, FitParams
 from soapflow.errors import SoapError
 from soapflow.fit import fit_stores, fit_to_artifact
 from storage.feature_store import FeatureStore
@@ -68,7 +69,8 @@ def stores(tmp_path_factory):
 @pytest.mark.parametrize("mu", [2.0, "auto", 0.0, 3.5])
 def test_fit_equals_in_memory_reference(client, stores, mu):
     root, real, synth = stores
-    fit, inputs = fit_stores(str(root / "real"), str(root / "synth"), client=client, mu=mu, progress=False)
+    fit, inputs = fit_stores(str(root / "real"), str(root / "synth"), FitParams.parse(mu), client=client,
+                             progress=False)
     ref = reference_soap(real, synth, mu=mu, align_to=fit.components)
     np.testing.assert_allclose(fit.mean, ref["mean"], rtol=0, atol=1e-9)
     np.testing.assert_allclose(fit.eigenvalues, ref["eigenvalues"], rtol=1e-9)
@@ -86,7 +88,7 @@ def test_fit_equals_in_memory_reference(client, stores, mu):
 
 def test_positional_components_are_found(client, stores):
     root, _, _ = stores
-    fit, _ = fit_stores(str(root / "real"), str(root / "synth"), client=client, mu="auto", progress=False)
+    fit, _ = fit_stores(str(root / "real"), str(root / "synth"), FitParams(mu=Auto()), client=client, progress=False)
     # the fixed positional pattern makes real and synthetic activations agree on some components
     assert fit.mu >= 1
     assert fit.scores.max() > 0.9
@@ -99,21 +101,21 @@ def test_auto_mu_zero_gives_identity(client, tmp_path):
     rng = np.random.default_rng(5)
     write_store(tmp_path / "r", rng.normal(size=(30, 3, 3, 6)), chunk=8)
     write_store(tmp_path / "s", rng.normal(size=(30, 3, 3, 6)) * 0.01 + 100, chunk=8)
-    fit, _ = fit_stores(str(tmp_path / "r"), str(tmp_path / "s"), client=client, mu="auto", threshold=0.999, progress=False)
+    fit, _ = fit_stores(str(tmp_path / "r"), str(tmp_path / "s"), FitParams(mu=Auto(0.999)), client=client, progress=False)
     assert fit.mu == 0
     assert np.array_equal(fit.projector, np.eye(6))
 
 
 def test_suppress_removes_listed_components(client, stores):
     root, real, _ = stores
-    fit, _ = fit_stores(str(root / "real"), str(root / "synth"), client=client, suppress=[0, 3], progress=False)
+    fit, _ = fit_stores(str(root / "real"), str(root / "synth"), FitParams(suppress=[0, 3]), client=client, progress=False)
     v = fit.components
     expected = np.eye(12) - v[[0, 3]].T @ v[[0, 3]]
     np.testing.assert_allclose(fit.projector, expected, atol=1e-12)
     corrected = real.reshape(-1, 12).astype(np.float64) @ fit.projector.T
     np.testing.assert_allclose(corrected @ v[0], 0, atol=1e-9)
     with pytest.raises(SoapError, match="out of range"):
-        fit_stores(str(root / "real"), str(root / "synth"), client=client, suppress=[12], progress=False)
+        fit_stores(str(root / "real"), str(root / "synth"), FitParams(suppress=[12]), client=client, progress=False)
 
 
 def _tensors_hash(path):

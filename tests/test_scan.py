@@ -7,6 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from soapflow import method
+from soapflow.config import Auto, FitParams
 from soapflow.errors import SoapError
 from soapflow.cluster import dask_client
 from soapflow.evaluation.scan import parse_layers, scan
@@ -33,11 +34,11 @@ def test_the_fit_of_a_scan_equals_the_method_on_all_tokens_at_once(tmp_path):
     write_store(str(tmp_path / "r"), real, chunk=9)
     write_store(str(tmp_path / "s"), synth, chunk=7)
     with dask_client() as client:  # as scan fits each block
-        fit, _ = fit_stores(str(tmp_path / "r"), str(tmp_path / "s"), client=client, mu="auto", progress=False)
+        fit, _ = fit_stores(str(tmp_path / "r"), str(tmp_path / "s"), FitParams(mu=Auto()), client=client, progress=False)
     m = method.moments(real)
     lam, comps = method.principal_components(m)
     ref = method.soap_from_statistics(m, comps, lam, method.activation_counts(real, m.mean, comps), 70,
-                                      method.activation_counts(synth, m.mean, comps), 30, mu="auto")
+                                      method.activation_counts(synth, m.mean, comps), 30, FitParams(mu=Auto()))
     np.testing.assert_allclose(fit.mean, ref.mean, atol=1e-9)
     np.testing.assert_allclose(fit.scores, ref.scores, atol=1e-9)
     np.testing.assert_allclose(fit.projector, ref.projector, atol=1e-9)

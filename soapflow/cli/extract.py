@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soapflow.cli.fit import parse_mu
+from soapflow.config import FitParams
 from soapflow.extract import DEFAULT_CHUNK
 
 
@@ -81,9 +81,7 @@ def refit(
     from soapflow.errors import SoapError
     from soapflow.extract import TIMINGS, ExtractStats
 
-    if tau <= 0:
-        raise SoapError(f"--tau must be > 0, got {tau}")
-    mu_value = parse_mu(mu)
+    mu_value = FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold).mu_label  # checked before any work
     flow = refit_flow
     if dask_address:
         from prefect_dask import DaskTaskRunner

@@ -6,19 +6,8 @@ from typing import Annotated, Optional
 
 import typer
 
+from soapflow.config import DEFAULT_GAMMA, DEFAULT_MU, DEFAULT_TAU, DEFAULT_THRESHOLD, FitParams
 from soapflow.errors import SoapError
-
-
-def parse_mu(value: str) -> float | str:
-    if value == "auto":
-        return "auto"
-    try:
-        mu = float(value)
-    except ValueError:
-        raise SoapError(f"--mu must be a number ≥ 0 or 'auto', got {value!r}") from None
-    if mu < 0:
-        raise SoapError(f"--mu must be ≥ 0 or 'auto', got {value}")
-    return mu
 
 
 def parse_ranks(value: str | None) -> list[int] | None:
@@ -34,10 +23,10 @@ def fit(
     real_store: Annotated[str, typer.Argument(help="Feature store of real images (path or URL).")],
     synth_store: Annotated[str, typer.Argument(help="Feature store of synthetic images.")],
     out: Annotated[str, typer.Option("--out", help="Artifact directory to write.")],
-    mu: Annotated[str, typer.Option(help="Soft count of components to suppress, or 'auto'.")] = "2",
-    tau: Annotated[float, typer.Option(help="Sigmoid temperature of the weights.")] = 0.05,
-    gamma: Annotated[float, typer.Option(help="Exponent of the SI agreement.")] = 1.0,
-    threshold: Annotated[float, typer.Option(help="SI threshold for --mu auto.")] = 0.75,
+    mu: Annotated[str, typer.Option(help="Soft count of components to suppress, or 'auto'.")] = f"{DEFAULT_MU:g}",
+    tau: Annotated[float, typer.Option(help="Sigmoid temperature of the weights.")] = DEFAULT_TAU,
+    gamma: Annotated[float, typer.Option(help="Exponent of the SI agreement.")] = DEFAULT_GAMMA,
+    threshold: Annotated[float, typer.Option(help="SI threshold for --mu auto.")] = DEFAULT_THRESHOLD,
     suppress: Annotated[Optional[str], typer.Option(help="Instead remove these eigenvalue ranks fully, e.g. 0,3.")] = None,
     dask_address: Annotated[Optional[str], typer.Option(help="Scheduler of a running dask cluster.")] = None,
     workers: Annotated[int, typer.Option(help="Workers of the local cluster (without --dask-address).")] = 1,
@@ -49,13 +38,9 @@ def fit(
 
     from soapflow.fit import fit_to_artifact
 
-    if tau <= 0:
-        raise SoapError(f"--tau must be > 0, got {tau}")
-    path, fitted, manifest = fit_to_artifact(
-        real_store, synth_store, out, dask_address=dask_address, workers=workers,
-        mu=parse_mu(mu), tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress),
-        overwrite=overwrite, plots=not no_plots,
-    )
+    params = FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress))
+    path, fitted, manifest = fit_to_artifact(real_store, synth_store, out, params, cluster=dask_address,
+                                             workers=workers, overwrite=overwrite, plots=not no_plots)
     print_fit_summary(Console(soft_wrap=True), fitted, manifest, path)
 
 

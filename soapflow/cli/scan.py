@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soapflow.errors import SoapError
+from soapflow.config import DEFAULT_MU, DEFAULT_TAU, DEFAULT_THRESHOLD, FitParams
 
 
 def scan(
@@ -20,9 +20,9 @@ def scan(
     synth: Annotated[str, typer.Option(help="Synthetic images (noise:<generator>).")] = "noise:mixture",
     synth_n: Annotated[Optional[int], typer.Option(help="Synthetic images (default: --n).")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the synthetic images and the bootstrap.")] = 0,
-    mu: Annotated[str, typer.Option(help="Soft count of suppressed components, or 'auto'.")] = "2",
-    tau: Annotated[float, typer.Option(help="Sigmoid temperature of the weights.")] = 0.05,
-    threshold: Annotated[float, typer.Option(help="SI threshold (counted per layer; --mu auto).")] = 0.75,
+    mu: Annotated[str, typer.Option(help="Soft count of suppressed components, or 'auto'.")] = f"{DEFAULT_MU:g}",
+    tau: Annotated[float, typer.Option(help="Sigmoid temperature of the weights.")] = DEFAULT_TAU,
+    threshold: Annotated[float, typer.Option(help="SI threshold (counted per layer; --mu auto).")] = DEFAULT_THRESHOLD,
     eval: Annotated[str, typer.Option("--eval", help="Comma list of evaluations per layer: salient,knn-seg,knn-cls.")] = "",
     eval_data: Annotated[str, typer.Option(help="Evaluation dataset.")] = "fashion-mnist:test",
     eval_n: Annotated[Optional[int], typer.Option(help="Evaluation images.")] = 256,
@@ -46,15 +46,13 @@ def scan(
     from rich.console import Console
     from rich.table import Table
 
-    from soapflow.cli.fit import parse_mu
     from soapflow.evaluation.scan import scan as run_scan
 
-    if tau <= 0:
-        raise SoapError(f"--tau must be > 0, got {tau}")
+    params = FitParams.parse(mu, tau=tau, threshold=threshold)
     evaluations = [e.strip() for e in eval.split(",") if e.strip()]
     result = run_scan(
         backbone, weights=weights, layers=layers, feature=feature, image_size=image_size, data=data, n=n,
-        synth=synth, synth_n=synth_n, seed=seed, mu=parse_mu(mu), tau=tau, threshold=threshold,
+        synth=synth, synth_n=synth_n, seed=seed, fit=params,
         batch_size=batch_size, dtype=dtype, work_dir=work_dir, keep_work=work_dir is not None,
         artifacts_dir=artifacts, evaluations=evaluations, eval_data=eval_data, eval_n=eval_n, bank=bank,
         bank_n=bank_n, bank_patches=bank_patches or None, salient_tau=salient_tau, n_boot=n_boot, out_dir=out, device=device, progress=not quiet,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from soapflow import method
+from soapflow.config import FitParams
 from soapflow.errors import SoapError
 
 __all__ = ["LayerFit", "parse_layers", "scan", "plot_si_vs_depth", "plot_metric_vs_depth", "EVALUATIONS"]
@@ -184,10 +185,7 @@ def scan(
     synth: str = "noise:mixture",
     synth_n: int | None = None,
     seed: int = 0,
-    mu=2.0,
-    tau: float = 0.05,
-    gamma: float = 1.0,
-    threshold: float = 0.75,
+    fit: FitParams = FitParams(),
     batch_size: int = 32,
     dtype: str = "float16",
     work_dir: str | None = None,
@@ -211,10 +209,8 @@ def scan(
     zero-shot evaluations per layer. Returns a JSON-able summary (also written to
     ``<out_dir>/scan.json`` with ``si_vs_depth.png`` and ``metrics_vs_depth.png``)."""
     from soapflow.backbones import load_backbone
-    from soapflow.fit import check_parameters
     from soapflow.sources import open_source
 
-    check_parameters(mu, tau, gamma)  # before any extraction
     evaluations = [e for e in evaluations if e]
     bad = [e for e in evaluations if e not in EVALUATIONS]
     if bad:
@@ -238,8 +234,7 @@ def scan(
                                      progress, f"extract {synth}")
         timing["extract"] = round(time.perf_counter() - t0, 2)
         t1 = time.perf_counter()
-        fits = _fit_layers(real_uris, synth_uris, artifacts_dir, mu=mu, tau=tau, gamma=gamma, threshold=threshold,
-                           progress=progress)
+        fits = _fit_layers(real_uris, synth_uris, artifacts_dir, fit, progress)
         timing["fit"] = round(time.perf_counter() - t1, 2)
 
         reports: dict[int, dict[str, dict]] = {}
@@ -263,7 +258,8 @@ def scan(
         "backbone": bb.info(),
         "layers": summaries,
         "data": {"real": real_src.fingerprint, "synthetic": synth_src.fingerprint},
-        "fit": {"mu": mu, "tau": tau, "gamma": gamma, "threshold": threshold, "store_dtype": dtype},
+        "fit": {"mu": fit.mu_label, "tau": fit.tau, "gamma": fit.gamma, "threshold": fit.threshold,
+                "store_dtype": dtype},
         "work_dir": work if (keep_work or not own_work) else None,
         "evaluations": {str(l): reps for l, reps in reports.items()},
         "timing_s": {**timing, "total": round(time.perf_counter() - t0, 2)},
@@ -289,7 +285,7 @@ def _extract_layers(bb, source, layers, root, chunk, dtype, progress, desc) -> d
     return uris
 
 
-def _fit_layers(real_uris, synth_uris, artifacts_dir, *, mu, tau, gamma, threshold, progress) -> dict[int, LayerFit]:
+def _fit_layers(real_uris, synth_uris, artifacts_dir, params: FitParams, progress: bool) -> dict[int, LayerFit]:
     """Each block's fit with ``soapflow.fit`` on one local cluster (started once for all)."""
     from soapflow.cluster import dask_client
     from soapflow.fit import fit_stores, fit_to_artifact
@@ -297,14 +293,13 @@ def _fit_layers(real_uris, synth_uris, artifacts_dir, *, mu, tau, gamma, thresho
     fits = {}
     with dask_client() as client:
         for l in real_uris:
-            params = dict(mu=mu, tau=tau, gamma=gamma, threshold=threshold, progress=progress)
             art = None
             if artifacts_dir:
                 path, fit, manifest = fit_to_artifact(real_uris[l], synth_uris[l], os.path.join(artifacts_dir, f"L{l}"),
-                                                      client=client, overwrite=True, **params)
+                                                      params, cluster=client, overwrite=True, progress=progress)
                 art, n_real, n_synth = str(path), manifest["n_real_images"], manifest["n_synth_images"]
             else:
-                fit, inputs = fit_stores(real_uris[l], synth_uris[l], client=client, **params)
+                fit, inputs = fit_stores(real_uris[l], synth_uris[l], params, client=client, progress=progress)
                 n_real, n_synth = inputs.n_real_images, inputs.n_synth_images
             fits[l] = LayerFit(l, fit, n_real, n_synth, real_uris[l], synth_uris[l], art)
     return fits
