@@ -24,9 +24,8 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from soapflow.common import default_workdir, slug, utc_stamp
+from soapflow.config import EVALUATIONS, EvalSettings
 from tasks.evaluate import knn_cls_task, knn_seg_task, record_task, resolve_head_task, salient_task
-
-EVALUATIONS = ("salient", "knn-seg", "knn-cls")
 
 
 def default_out_dir(head_ref: str) -> Path:
@@ -37,24 +36,10 @@ def default_out_dir(head_ref: str) -> Path:
 @flow(name="evaluate", log_prints=True)
 def evaluate(
     head_ref: str,
-    evaluations: list[str] = ["salient", "knn-seg", "knn-cls"],  # noqa: B006 - Prefect parameters are copied
-    dataset: str = "fashion-mnist",
-    n: int | None = 1000,
-    image_size: int | None = None,
+    settings: EvalSettings = EvalSettings(),  # noqa: B008 - frozen: Prefect copies parameters anyway
+    *,
     registry: str | None = None,
-    taus: list[float] = [0.2],  # noqa: B006
-    soap_tau: float | None = None,
-    foreground: str = "seed",
-    refine: bool = False,
-    bank: str | None = None,
-    bank_n: int | None = 1000,
-    knn_seg_k: int = 10,
-    knn_cls_k: int = 20,
-    bank_patches: int | None = 16384,
-    pools: list[str] = ["mean", "cls"],  # noqa: B006
-    n_boot: int = 2000,
-    seed: int = 0,
-    batch_size: int = 32,
+    image_size: int | None = None,
     weights: str | None = None,
     device: str = "cpu",
     cache_dir: str | None = None,
@@ -62,19 +47,18 @@ def evaluate(
     record: bool = True,
     progress: bool = False,
 ) -> dict:
-    """Evaluate ``head_ref`` (registry ref or artifact directory) raw vs SOAP.
+    """Evaluate ``head_ref`` (registry ref or artifact directory) raw vs SOAP, as ``settings`` say.
 
-    ``image_size`` None = the size the head was fitted at. ``taus``: one salient run per τ
-    (``soap_tau`` overrides τ for the SOAP tokens, e.g. the authors' 0.3). Returns
+    ``image_size`` None = the size the head was fitted at. Returns
     ``{"head": ..., "reports": {key: report}, "recorded": ..., "out_dir": ...}``."""
     from soapflow.errors import SoapError
     from soapflow.evaluation.report import markdown_table, table_rows, write_json
     from soapflow.evaluation.run import report_key
 
     logger = get_run_logger()
-    bad = [e for e in evaluations if e not in EVALUATIONS]
-    if bad or not evaluations:
-        raise SoapError(f"evaluations must be a non-empty subset of {list(EVALUATIONS)}, got {list(evaluations)}")
+    s = settings
+    if not s.evaluations:
+        raise SoapError(f"evaluations must be a non-empty subset of {list(EVALUATIONS)}, got []")
     head = resolve_head_task.submit(head_ref, registry).result()
     pinned = head["pinned"]
     logger.info("head %s -> %s (%s layer %s)", head_ref, pinned, head["manifest"].get("backbone"),
@@ -84,22 +68,23 @@ def evaluate(
     own_cache = cache_dir is None
     cache = cache_dir or tempfile.mkdtemp(prefix="soap-eval-tokens-")
     ctx_kw = dict(registry=registry, weights=weights, image_size=image_size, device=device)
-    common = dict(n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache, progress=progress)
+    common = dict(n_boot=s.n_boot, seed=s.seed, batch_size=s.batch_size, cache_dir=cache, progress=progress)
     reports: dict[str, dict] = {}
     try:
-        if "salient" in evaluations:
-            for tau in taus:
-                rep = salient_task.submit(pinned, **ctx_kw, dataset=dataset, n=n, tau=float(tau), soap_tau=soap_tau,
-                                          foreground=foreground, refine=refine,
+        if "salient" in s.evaluations:
+            for tau in s.taus:
+                rep = salient_task.submit(pinned, **ctx_kw, dataset=s.dataset, n=s.n, tau=tau, soap_tau=s.soap_tau,
+                                          foreground=s.foreground, refine=s.refine,
                                           grid_png=str(out / f"salient-tau{tau:g}.png"), **common).result()
                 reports[report_key(rep)] = rep
-        if "knn-seg" in evaluations:
-            rep = knn_seg_task.submit(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_seg_k,
-                                      bank_patches=bank_patches, grid_png=str(out / "knn-seg.png"), **common).result()
+        if "knn-seg" in s.evaluations:
+            rep = knn_seg_task.submit(pinned, **ctx_kw, dataset=s.dataset, bank=s.bank, n=s.n, bank_n=s.bank_n,
+                                      k=s.knn_seg_k, bank_patches=s.bank_patches, grid_png=str(out / "knn-seg.png"),
+                                      **common).result()
             reports[report_key(rep)] = rep
-        if "knn-cls" in evaluations:
-            rep = knn_cls_task.submit(pinned, **ctx_kw, dataset=dataset, bank=bank, n=n, bank_n=bank_n, k=knn_cls_k,
-                                      pools=tuple(pools), **common).result()
+        if "knn-cls" in s.evaluations:
+            rep = knn_cls_task.submit(pinned, **ctx_kw, dataset=s.dataset, bank=s.bank, n=s.n, bank_n=s.bank_n,
+                                      k=s.knn_cls_k, pools=s.pools, **common).result()
             reports[report_key(rep)] = rep
     finally:
         if own_cache:

@@ -25,7 +25,7 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from soapflow.common import default_workdir, is_url, slug
-from soapflow.config import FitParams
+from soapflow.config import EvalSettings, FitParams
 from soapflow.extract import DEFAULT_CHUNK, default_device
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
@@ -169,9 +169,9 @@ def refit(
         if evaluate_after:
             from flows.evaluate import evaluate
 
-            result["evaluation"] = evaluate(head_ref=published.ref, evaluations=list(evaluate_after),
-                                            dataset=eval_dataset, n=eval_n, registry=published.registry,
-                                            weights=weights, device=spec["device"], progress=False)
+            settings = EvalSettings(evaluations=tuple(evaluate_after), dataset=eval_dataset, n=eval_n)
+            result["evaluation"] = evaluate(published.ref, settings, registry=published.registry, weights=weights,
+                                            device=spec["device"], progress=False)
     _publish_prefect_artifacts(result, bb)
     return result
 

@@ -93,3 +93,143 @@ class FitParams:
     def registry_params(self) -> dict:
         """What the registry matches a fit on (``Registry.find_by_inputs``)."""
         return {"mu": self.mu_label, "tau": self.tau, "gamma": self.gamma, "threshold": self.threshold}
+
+
+DEFAULT_CHUNK = 64  # images per store chunk: the unit of work and of resuming
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """Which tokens: a backbone (catalog or timm name), its weights (None: the catalog's;
+    ``"random"``; a path), block, token kind, final-norm policy, input size and device
+    (None: cuda if available)."""
+
+    name: str = DEFAULT_BACKBONE
+    weights: str | None = None
+    layer: int = -1
+    feature: str = "out"
+    final_norm: str = "auto"
+    image_size: int | None = None
+    device: str | None = None
+
+    def on_device(self) -> BackboneSpec:
+        """This spec with the device resolved (what a loaded model is cached under)."""
+        if self.device is not None:
+            return self
+        from soapflow.extract import default_device
+
+        return replace(self, device=default_device())
+
+    def at(self, layer: int) -> BackboneSpec:
+        return replace(self, layer=layer)
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """The images: the real source, the synthetic generator, how many of each, and the seed."""
+
+    real: str = "photos"
+    n_real: int | None = None  # None: all the source has
+    generator: str = "mixture"
+    n_synth: int | None = None  # None: as many as real
+    seed: int = 0
+
+    @property
+    def synthetic(self) -> str:
+        return f"noise:{self.generator}"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How the work runs: store layout, parallelism, where it goes, progress bars."""
+
+    chunk: int = DEFAULT_CHUNK
+    dtype: str = "float16"
+    shards: int = 1  # parallel extraction tasks per store
+    num_workers: int | None = None  # DataLoader decode processes per extraction
+    workdir: str | None = None  # None: soapflow.common.default_workdir()
+    dask_address: str | None = None
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class OutputSettings:
+    """Where the artifact goes: its directory, the registry, and evaluations after publishing."""
+
+    out: str | None = None  # None: <workdir>/artifacts/<backbone>-L<layer>
+    registry: str | None = None  # None: $SOAPFLOW_REGISTRY, else the per-user registry
+    name: str | None = None  # None: <backbone>/<layer>
+    publish: bool = True
+    evaluate_after: tuple[str, ...] | None = None  # e.g. ("knn-seg",): run the evaluate flow on the version
+    eval_dataset: str = "fashion-mnist"
+    eval_n: int | None = 1000
+
+
+@dataclass(frozen=True)
+class RefitConfig:
+    """Everything a refit needs, as the ``refit`` flow's one parameter."""
+
+    backbone: BackboneSpec = field(default_factory=BackboneSpec)
+    fit: FitParams = field(default_factory=FitParams)
+    data: DataSpec = field(default_factory=DataSpec)
+    run: RunSettings = field(default_factory=RunSettings)
+    output: OutputSettings = field(default_factory=OutputSettings)
+
+    #: flat names (the catalog's and ``soap refit``'s) that differ from their field's name
+    _RENAMED = {"backbone": ("backbone", "name"), "data": ("data", "real"), "mu": ("fit", "mu")}
+
+    @classmethod
+    def from_flat(cls, values: dict, *, what: str = "refit") -> RefitConfig:
+        """From one flat mapping (a catalog entry, the command line): ``backbone``, ``weights``,
+        ``layer``, ``data``, ``n_real``, ``mu`` (a number or ``"auto"``), ``tau``, ``chunk`` …"""
+        sections: dict[str, dict] = {f.name: {} for f in fields(cls)}
+        where = {f.name: (section, f.name) for section, kind in _SECTIONS.items() for f in fields(kind)}
+        where.update(cls._RENAMED)
+        unknown = sorted(set(values) - set(where))
+        if unknown:
+            raise SoapError(f"{what}: unknown settings {unknown}; known: {sorted(where)}")
+        for key, value in values.items():
+            section, name = where[key]
+            sections[section][name] = value
+        fit = sections["fit"]
+        return cls(backbone=BackboneSpec(**sections["backbone"]), fit=FitParams.parse(**fit),
+                   data=DataSpec(**sections["data"]), run=RunSettings(**sections["run"]),
+                   output=OutputSettings(**sections["output"]))
+
+
+_SECTIONS = {"backbone": BackboneSpec, "fit": FitParams, "data": DataSpec, "run": RunSettings,
+             "output": OutputSettings}
+
+
+EVALUATIONS = ("salient", "knn-seg", "knn-cls")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """The zero-shot evaluations (SPEC §5) and their settings, raw vs SOAP."""
+
+    evaluations: tuple[str, ...] = EVALUATIONS
+    dataset: str = "fashion-mnist"
+    n: int | None = 1000  # evaluation images (None: all)
+    taus: tuple[float, ...] = (0.2,)  # TokenCut τ: one salient run each
+    soap_tau: float | None = None  # τ for the SOAP tokens (the authors pair 0.2 raw with 0.3 SOAP)
+    foreground: str = "seed"
+    refine: bool = False
+    bank: str | None = None  # kNN bank dataset (None: the other split of ``dataset``)
+    bank_n: int | None = 1000
+    knn_seg_k: int = 10
+    knn_cls_k: int = 20
+    bank_patches: int | None = 16384  # kNN-seg bank patches, a seeded subsample (None: all)
+    pools: tuple[str, ...] = ("mean", "cls")
+    n_boot: int = 2000
+    seed: int = 0
+    batch_size: int = 32
+
+    def __post_init__(self):
+        evaluations = tuple(e for e in self.evaluations if e)
+        bad = [e for e in evaluations if e not in EVALUATIONS]
+        if bad:
+            raise SoapError(f"unknown evaluation(s) {bad}; choose from {', '.join(EVALUATIONS)}")
+        object.__setattr__(self, "evaluations", evaluations)
+        object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
+        object.__setattr__(self, "pools", tuple(self.pools))

@@ -18,10 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
+from soapflow import config
+from soapflow.config import BackboneSpec
 from soapflow.errors import SoapError
 from storage.feature_store import FeatureStore, store_lease
 
-DEFAULT_CHUNK = 64
+DEFAULT_CHUNK = config.DEFAULT_CHUNK
 
 # One forward pass at a time per device in this process: concurrent extractions (real ∥
 # synthetic) then interleave their chunks instead of oversubscribing the cores or the GPU,
@@ -37,6 +39,12 @@ def cached_backbone(name: str, weights: str | None, layer: int, feature: str, im
     at once in threads wait for one load instead of each loading (and holding) a copy."""
     with _BACKBONE_LOCK:
         return _cached_backbone(name, weights, layer, feature, image_size, device)
+
+
+def load(spec: BackboneSpec):
+    """The backbone ``spec`` names, loaded once per process (``cached_backbone``)."""
+    spec = spec.on_device()
+    return cached_backbone(spec.name, spec.weights, spec.layer, spec.feature, spec.image_size, spec.device)
 
 
 @lru_cache(maxsize=4)
@@ -326,14 +334,12 @@ def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
     return [chunks[i::parts] for i in range(parts)] if chunks else []
 
 
-def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | None = None, layer: int = -1,
-            feature: str = "out", n: int | None = None, image_size: int | None = None,
-            chunk: int = DEFAULT_CHUNK, seed: int = 0, dtype: str = "float16", device: str | None = None,
-            num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True,
-            compress: bool = False):
+def extract(backbone: BackboneSpec, source_spec: str, out: str, *, n: int | None = None, chunk: int = DEFAULT_CHUNK,
+            seed: int = 0, dtype: str = "float16", num_workers: int | None = None,
+            storage_options: dict | None = None, progress: bool = True, compress: bool = False):
     """Extract one complete feature store; returns ``(store, stats)``. ``compress``: zstd on the
     tokens (a new store only)."""
-    backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device or default_device())
+    backbone = load(backbone)
     source = cached_source(source_spec, n, seed)
     # one extraction per store at a time: a second one refuses at once, naming the first
     with store_lease(out, storage_options):

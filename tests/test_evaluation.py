@@ -446,12 +446,14 @@ def test_token_cache_and_class_tokens(tmp_path, monkeypatch):
 
 def test_evaluate_flow_records_into_the_registry(tiny_artifact, tmp_path):
     from flows.evaluate import evaluate
+    from soapflow.config import EvalSettings
     from storage.registry import Registry
 
     reg = Registry(str(tmp_path / "registry"))
     pub = reg.publish(tiny_artifact)
-    result = evaluate(f"{pub.name}@latest", evaluations=["salient", "knn-cls"], n=8, bank_n=12, taus=[0.2, 0.3],
-                      registry=str(tmp_path / "registry"), n_boot=100, out_dir=str(tmp_path / "out"))
+    result = evaluate(f"{pub.name}@latest", EvalSettings(evaluations=("salient", "knn-cls"), n=8, bank_n=12,
+                                                         taus=(0.2, 0.3), n_boot=100),
+                      registry=str(tmp_path / "registry"), out_dir=str(tmp_path / "out"))
     keys = set(result["reports"])
     assert keys == {"salient.fashion-mnist-test.tau0.2", "salient.fashion-mnist-test.tau0.3",
                     "knn-cls.fashion-mnist-test"}
@@ -464,7 +466,7 @@ def test_evaluate_flow_records_into_the_registry(tiny_artifact, tmp_path):
     assert (tmp_path / "out" / "knn-cls.fashion-mnist-test.json").is_file()
 
     # an artifact directory is immutable: results come back (and as JSON) but are not recorded
-    direct = evaluate(tiny_artifact, evaluations=["knn-cls"], n=6, bank_n=8, n_boot=100,
+    direct = evaluate(tiny_artifact, EvalSettings(evaluations=("knn-cls",), n=6, bank_n=8, n_boot=100),
                       out_dir=str(tmp_path / "out2"))
     assert direct["recorded"] is None and direct["head"]["from_registry"] is False
     assert (tmp_path / "out2" / "knn-cls.fashion-mnist-test.json").is_file()

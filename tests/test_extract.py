@@ -9,13 +9,15 @@ import time
 
 import numpy as np
 import pytest
+
+from soapflow.config import BackboneSpec
 import torch
 
 from soapflow.extract import cached_backbone, cached_source, extract, extract_chunks, open_store_for
 from storage.artifact import read_artifact
 from storage.feature_store import open_store
 
-TINY = dict(backbone_name="vit_tiny_patch16_224", weights="random", image_size=64)
+TINY = dict(backbone=BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=64))
 
 
 @pytest.fixture(scope="module")
@@ -242,7 +244,7 @@ def test_one_pass_over_several_blocks_writes_each_store_as_extract_does(tmp_path
     stores, stats = extract_layers(bb, src, uris, chunk=4, progress=False)
     assert sorted(stores) == [3, 11] and stats.chunks == 3 and stats.images == 10
     for layer, store in stores.items():
-        alone, _ = extract(**TINY, layer=layer, source_spec="photos", out=str(tmp_path / f"alone{layer}"), n=10,
+        alone, _ = extract(TINY["backbone"].at(layer), source_spec="photos", out=str(tmp_path / f"alone{layer}"), n=10,
                            chunk=4, progress=False)
         np.testing.assert_array_equal(store.tokens[:], alone.tokens[:])
         assert store.pending_chunks() == [] and store.attrs["layer"] == layer == alone.attrs["layer"]

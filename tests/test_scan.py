@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from soapflow import method
-from soapflow.config import Auto, FitParams
+from soapflow.config import Auto, BackboneSpec, DataSpec, EvalSettings, FitParams, RunSettings
 from soapflow.errors import SoapError
 from soapflow.cluster import dask_client
 from soapflow.evaluation.scan import parse_layers, scan
@@ -56,10 +56,13 @@ def test_scan_extracts_all_layers_in_one_pass_and_fits_each(tmp_path, monkeypatc
         return original(self, images, layers)
 
     monkeypatch.setattr(Backbone, "tokens_multi", counting)
-    result = scan("vit_tiny_patch16_224", weights="random", layers="1,-1", image_size=32, data="fashion-mnist:train",
-                  n=10, synth_n=8, batch_size=4, work_dir=str(tmp_path / "work"), keep_work=True,
-                  artifacts_dir=str(tmp_path / "arts"), evaluations=["knn-cls", "salient"], eval_n=6, bank_n=8,
-                  n_boot=100, out_dir=str(tmp_path / "out"), progress=False)
+    result = scan(BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=32, device="cpu"), "1,-1",
+                  DataSpec(real="fashion-mnist:train", n_real=10, n_synth=8),
+                  run=RunSettings(chunk=4, workdir=str(tmp_path / "work"), progress=False), keep_work=True,
+                  artifacts_dir=str(tmp_path / "arts"),
+                  evaluation=EvalSettings(evaluations=("knn-cls", "salient"), dataset="fashion-mnist:test", n=6,
+                                          bank_n=8, n_boot=100, batch_size=4),
+                  out_dir=str(tmp_path / "out"))
     # 10 real + 8 synthetic images in batches of 4: 3 + 2 forward passes, each for both blocks
     assert [c[0] for c in calls] == [4, 4, 2, 4, 4] and all(c[1] == (1, 11) for c in calls)
     assert [s["layer"] for s in result["layers"]] == [1, 11]

@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soapflow.config import FitParams
+from soapflow.config import BackboneSpec, FitParams
 from soapflow.extract import DEFAULT_CHUNK
 
 
@@ -32,9 +32,9 @@ def extract(
 
     from soapflow.extract import extract as run_extract
 
-    store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
-                               image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                               num_workers=workers, compress=compress)
+    spec = BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
+    store, stats = run_extract(spec, source, out, n=n, chunk=chunk, seed=seed, dtype=dtype, num_workers=workers,
+                               compress=compress)
     attrs = store.attrs
     console = Console(soft_wrap=True)
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"

@@ -6,7 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from soapflow.config import DEFAULT_MU, DEFAULT_TAU, DEFAULT_THRESHOLD, FitParams
+from soapflow.config import (
+    DEFAULT_MU, DEFAULT_TAU, DEFAULT_THRESHOLD, BackboneSpec, DataSpec, EvalSettings, FitParams, RunSettings,
+)
+from soapflow.errors import SoapError
 
 
 def scan(
@@ -48,15 +51,16 @@ def scan(
 
     from soapflow.evaluation.scan import scan as run_scan
 
-    params = FitParams.parse(mu, tau=tau, threshold=threshold)
-    evaluations = [e.strip() for e in eval.split(",") if e.strip()]
-    result = run_scan(
-        backbone, weights=weights, layers=layers, feature=feature, image_size=image_size, data=data, n=n,
-        synth=synth, synth_n=synth_n, seed=seed, fit=params,
-        batch_size=batch_size, dtype=dtype, work_dir=work_dir, keep_work=work_dir is not None,
-        artifacts_dir=artifacts, evaluations=evaluations, eval_data=eval_data, eval_n=eval_n, bank=bank,
-        bank_n=bank_n, bank_patches=bank_patches or None, salient_tau=salient_tau, n_boot=n_boot, out_dir=out, device=device, progress=not quiet,
-    )
+    if not synth.startswith("noise:"):
+        raise SoapError(f"--synth takes noise:<generator>, got {synth!r}")
+    spec = BackboneSpec(backbone, weights=weights, feature=feature, image_size=image_size, device=device)
+    images = DataSpec(real=data, n_real=n, generator=synth.removeprefix("noise:"), n_synth=synth_n, seed=seed)
+    evaluation = EvalSettings(evaluations=tuple(e.strip() for e in eval.split(",") if e.strip()), dataset=eval_data,
+                              n=eval_n, bank=bank, bank_n=bank_n, bank_patches=bank_patches or None,
+                              taus=(salient_tau,), n_boot=n_boot, seed=seed, batch_size=batch_size)
+    run = RunSettings(chunk=batch_size, dtype=dtype, workdir=work_dir, progress=not quiet)
+    result = run_scan(spec, layers, images, FitParams.parse(mu, tau=tau, threshold=threshold), evaluation=evaluation,
+                      run=run, keep_work=work_dir is not None, artifacts_dir=artifacts, out_dir=out)
     console = Console()
     table = Table(title=f"SI per block — {backbone} ({feature}), {n} real / {synth_n or n} synthetic images")
     for col in ("block", "max SI", "2nd SI", f"# > {threshold:g}", "suppressed"):

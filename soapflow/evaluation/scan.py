@@ -22,12 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from soapflow import method
-from soapflow.config import FitParams
+from soapflow.config import EVALUATIONS, BackboneSpec, DataSpec, EvalSettings, FitParams, RunSettings
 from soapflow.errors import SoapError
 
 __all__ = ["LayerFit", "parse_layers", "scan", "plot_si_vs_depth", "plot_metric_vs_depth", "EVALUATIONS"]
-
-EVALUATIONS = ("salient", "knn-seg", "knn-cls")
 
 
 @dataclass
@@ -173,55 +171,42 @@ def plot_metric_vs_depth(reports: dict[int, dict[str, dict]], path: str, title: 
 # --------------------------------------------------------------------------------- scan
 
 
+#: scan's own defaults: a quick pass over Fashion-MNIST, small chunks, no evaluation unless asked
+SCAN_DATA = DataSpec(real="fashion-mnist:train", n_real=256)
+SCAN_RUN = RunSettings(chunk=32)
+SCAN_EVALUATION = EvalSettings(evaluations=(), dataset="fashion-mnist:test", n=256, bank_n=500)
+
+
 def scan(
-    backbone: str,
-    *,
-    weights: str | None = None,
+    backbone: BackboneSpec,
     layers="all",
-    feature: str = "out",
-    image_size: int | None = None,
-    data: str = "fashion-mnist:train",
-    n: int = 256,
-    synth: str = "noise:mixture",
-    synth_n: int | None = None,
-    seed: int = 0,
+    data: DataSpec = SCAN_DATA,
     fit: FitParams = FitParams(),
-    batch_size: int = 32,
-    dtype: str = "float16",
-    work_dir: str | None = None,
+    *,
+    evaluation: EvalSettings = SCAN_EVALUATION,
+    run: RunSettings = SCAN_RUN,
     keep_work: bool = False,
     artifacts_dir: str | None = None,
-    evaluations=(),
-    eval_data: str = "fashion-mnist:test",
-    eval_n: int | None = 256,
-    bank: str | None = None,
-    bank_n: int | None = 500,
-    salient_tau: float = 0.2,
-    knn_seg_k: int = 10,
-    knn_cls_k: int = 20,
-    bank_patches: int | None = 16384,
-    n_boot: int = 2000,
     out_dir: str | None = None,
-    device: str = "cpu",
-    progress: bool = True,
 ) -> dict:
-    """Fit SOAP at several blocks from one extraction pass; SI per layer and, optionally, the
-    zero-shot evaluations per layer. Returns a JSON-able summary (also written to
-    ``<out_dir>/scan.json`` with ``si_vs_depth.png`` and ``metrics_vs_depth.png``)."""
+    """Fit SOAP at several blocks (``layers``: all, last, or block indices) from one extraction
+    pass; SI per layer and, with ``evaluation.evaluations``, the zero-shot evaluations per layer.
+    ``run``: the store chunk (= forward batch), dtype, work folder (None: a temporary one,
+    removed unless ``keep_work``) and progress bars. Returns a JSON-able summary (also written
+    to ``<out_dir>/scan.json`` with ``si_vs_depth.png`` and ``metrics_vs_depth.png``)."""
     from soapflow.backbones import load_backbone
     from soapflow.sources import open_source
 
-    evaluations = [e for e in evaluations if e]
-    bad = [e for e in evaluations if e not in EVALUATIONS]
-    if bad:
-        raise SoapError(f"--eval: unknown evaluation(s) {bad}; choose from {', '.join(EVALUATIONS)}")
-    if n < 2:
-        raise SoapError(f"--n must be ≥ 2 real images, got {n}")
+    if data.n_real is not None and data.n_real < 2:
+        raise SoapError(f"--n must be ≥ 2 real images, got {data.n_real}")
+    n, synth, seed, progress = data.n_real, data.synthetic, data.seed, run.progress
+    batch_size, dtype, work_dir = run.chunk, run.dtype, run.workdir
     t0 = time.perf_counter()
-    bb = load_backbone(backbone, weights=weights, layer=-1, feature=feature, image_size=image_size, device=device)
+    bb = load_backbone(backbone.name, weights=backbone.weights, layer=-1, feature=backbone.feature,
+                       image_size=backbone.image_size, device=backbone.device or "cpu")
     layer_list = parse_layers(layers, bb.depth)
-    real_src = open_source(data, n=n, seed=seed)
-    synth_src = open_source(synth, n=synth_n or n, seed=seed)
+    real_src = open_source(data.real, n=n, seed=seed)
+    synth_src = open_source(synth, n=data.n_synth or n or len(real_src), seed=seed)
     own_work = work_dir is None
     work = work_dir or tempfile.mkdtemp(prefix="soap-scan-")
     os.makedirs(work, exist_ok=True)
@@ -229,7 +214,7 @@ def scan(
     try:
         stores = os.path.join(work, "stores")
         real_uris = _extract_layers(bb, real_src, layer_list, os.path.join(stores, "real"), batch_size, dtype,
-                                    progress, f"extract {data}")
+                                    progress, f"extract {data.real}")
         synth_uris = _extract_layers(bb, synth_src, layer_list, os.path.join(stores, "synthetic"), batch_size, dtype,
                                      progress, f"extract {synth}")
         timing["extract"] = round(time.perf_counter() - t0, 2)
@@ -238,13 +223,9 @@ def scan(
         timing["fit"] = round(time.perf_counter() - t1, 2)
 
         reports: dict[int, dict[str, dict]] = {}
-        if evaluations:
+        if evaluation.evaluations:
             t2 = time.perf_counter()
-            reports = _evaluate_layers(bb, fits, evaluations, eval_data=eval_data, eval_n=eval_n, bank=bank,
-                                       bank_n=bank_n, salient_tau=salient_tau, knn_seg_k=knn_seg_k,
-                                       knn_cls_k=knn_cls_k, bank_patches=bank_patches, n_boot=n_boot, seed=seed,
-                                       batch_size=batch_size, cache_dir=os.path.join(work, "tokens"),
-                                       progress=progress)
+            reports = _evaluate_layers(bb, fits, evaluation, os.path.join(work, "tokens"), progress)
             timing["evaluate"] = round(time.perf_counter() - t2, 2)
     finally:
         if own_work and not keep_work:
@@ -305,8 +286,7 @@ def _fit_layers(real_uris, synth_uris, artifacts_dir, params: FitParams, progres
     return fits
 
 
-def _evaluate_layers(bb, fits: dict[int, LayerFit], evaluations, *, eval_data, eval_n, bank, bank_n, salient_tau,
-                     knn_seg_k, knn_cls_k, bank_patches, n_boot, seed, batch_size, cache_dir, progress):
+def _evaluate_layers(bb, fits: dict[int, LayerFit], settings: EvalSettings, cache_dir: str, progress: bool):
     from soapflow.evaluation import run as R
     from soapflow.evaluation.datasets import open_eval_data
     from soapflow.evaluation.tokens import extract_tokens
@@ -315,15 +295,16 @@ def _evaluate_layers(bb, fits: dict[int, LayerFit], evaluations, *, eval_data, e
     import torch
 
     layers = sorted(fits)
-    data = open_eval_data(eval_data, n=eval_n)
-    with_cls = "knn-cls" in evaluations
+    s = settings
+    data = open_eval_data(s.dataset, n=s.n)
+    with_cls = "knn-cls" in s.evaluations
     # one pass per dataset for all layers; the per-layer runs below then read the cache
-    extract_tokens(bb, data, layers, n=eval_n, batch_size=batch_size, cache_dir=cache_dir, with_cls=with_cls,
+    extract_tokens(bb, data, layers, n=s.n, batch_size=s.batch_size, cache_dir=cache_dir, with_cls=with_cls,
                    progress=progress, desc=f"tokens {data.spec}")
     bank_data = None
-    if "knn-seg" in evaluations or "knn-cls" in evaluations:
-        bank_data = open_eval_data(R._bank_spec(data, bank), n=bank_n)
-        extract_tokens(bb, bank_data, layers, n=bank_n, batch_size=batch_size, cache_dir=cache_dir,
+    if "knn-seg" in s.evaluations or "knn-cls" in s.evaluations:
+        bank_data = open_eval_data(R._bank_spec(data, s.bank), n=s.bank_n)
+        extract_tokens(bb, bank_data, layers, n=s.bank_n, batch_size=s.batch_size, cache_dir=cache_dir,
                        with_cls=with_cls, progress=progress, desc=f"tokens {bank_data.spec}")
     reports: dict[int, dict[str, dict]] = {}
     for l in layers:
@@ -333,13 +314,13 @@ def _evaluate_layers(bb, fits: dict[int, LayerFit], evaluations, *, eval_data, e
         head = SOAPHead(torch.from_numpy(fit.fit.projector.astype(np.float32)), manifest)
         ctx = R.EvalContext(head, manifest, f"scan:L{l}", False, dataclasses.replace(bb, layer=l))
         reports[l] = {}
-        common = dict(n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache_dir, progress=progress)
-        if "salient" in evaluations:
-            reports[l]["salient"] = R.run_salient(ctx, data, n=eval_n, tau=salient_tau, **common)
-        if "knn-seg" in evaluations:
-            reports[l]["knn-seg"] = R.run_knn_seg(ctx, data, bank_data, n=eval_n, bank_n=bank_n, k=knn_seg_k,
-                                                 bank_patches=bank_patches, **common)
-        if "knn-cls" in evaluations:
-            reports[l]["knn-cls"] = R.run_knn_cls(ctx, data, bank_data, n=eval_n, bank_n=bank_n, k=knn_cls_k,
+        common = dict(n_boot=s.n_boot, seed=s.seed, batch_size=s.batch_size, cache_dir=cache_dir, progress=progress)
+        if "salient" in s.evaluations:
+            reports[l]["salient"] = R.run_salient(ctx, data, n=s.n, tau=s.taus[0], **common)
+        if "knn-seg" in s.evaluations:
+            reports[l]["knn-seg"] = R.run_knn_seg(ctx, data, bank_data, n=s.n, bank_n=s.bank_n, k=s.knn_seg_k,
+                                                 bank_patches=s.bank_patches, **common)
+        if "knn-cls" in s.evaluations:
+            reports[l]["knn-cls"] = R.run_knn_cls(ctx, data, bank_data, n=s.n, bank_n=s.bank_n, k=s.knn_cls_k,
                                                  **common)
     return reports

@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from soapflow.config import BackboneSpec
+
 from soapflow.errors import SoapError
 from storage import lease as lease_module
 from storage.feature_store import FeatureStore
@@ -25,7 +27,7 @@ from tests.faults.helpers import (
     ENV, REPO, assert_clean_error, killer_cmd, same_bits, soap_cmd, tokens_of, wait_for,
 )
 
-TINY = dict(backbone_name="vit_tiny_patch16_224", weights="random", image_size=32, progress=False)
+TINY = dict(backbone=BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=32), progress=False)
 
 
 def _finish(proc: subprocess.Popen) -> subprocess.CompletedProcess:

@@ -7,10 +7,11 @@ from __future__ import annotations
 import numpy as np
 
 from soapflow.extract import extract
+from soapflow.config import BackboneSpec
 from soapflow.fit import fit_to_artifact
 from tests.faults.helpers import same_bits
 
-TINY = dict(weights="random", image_size=32, progress=False)
+TINY = dict(backbone=BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=32), progress=False)
 
 
 def test_artifact_hash_independent_of_chunks_and_workers(images, tmp_path, monkeypatch):
@@ -20,8 +21,7 @@ def test_artifact_hash_independent_of_chunks_and_workers(images, tmp_path, monke
     stores = {}
     for chunk in (4, 11):
         for role, spec, n in (("real", str(images), 48), ("synth", "noise:mixture", 40)):
-            store, _ = extract("vit_tiny_patch16_224", spec, str(tmp_path / f"{role}-{chunk}"), n=n, chunk=chunk,
-                               **TINY)
+            store, _ = extract(source_spec=spec, out=str(tmp_path / f"{role}-{chunk}"), n=n, chunk=chunk, **TINY)
             stores[role, chunk] = store
     for role in ("real", "synth"):
         assert same_bits(np.asarray(stores[role, 4].tokens[:]), np.asarray(stores[role, 11].tokens[:]))

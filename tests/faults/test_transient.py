@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import soapflow.extract as ex
+from soapflow.config import BackboneSpec
 from soapflow.errors import SoapError, TransientError
 from storage.feature_store import FeatureStore
 from tests.faults.helpers import DroppableEndpoint, same_bits
@@ -113,8 +114,8 @@ def test_flow_survives_a_dropped_s3_connection(s3_outage, tmp_path, monkeypatch)
 
     store = FeatureStore.open(uri)
     store.require_complete()
-    local, _ = ex.extract("vit_tiny_patch16_224", source, str(tmp_path / "local"), weights="random", image_size=32,
-                          n=n, chunk=chunk, progress=False)
+    local, _ = ex.extract(BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=32), source,
+                          str(tmp_path / "local"), n=n, chunk=chunk, progress=False)
     assert same_bits(np.asarray(store.tokens[:]), np.asarray(local.tokens[:]))
 
 
@@ -123,7 +124,8 @@ def test_transient_errors_are_told_from_input_errors():
 
     import botocore.exceptions
 
-    from soapflow.errors import SoapError, TransientError, io_error, is_transient
+    from soapflow.config import BackboneSpec
+from soapflow.errors import SoapError, TransientError, io_error, is_transient
 
     assert is_transient(OSError(errno.ENOSPC, "No space left on device"))
     assert is_transient(ConnectionResetError("peer reset")) and is_transient(TimeoutError())
