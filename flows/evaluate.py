@@ -68,23 +68,19 @@ def evaluate(
     own_cache = cache_dir is None
     cache = cache_dir or tempfile.mkdtemp(prefix="soap-eval-tokens-")
     ctx_kw = dict(registry=registry, weights=weights, image_size=image_size, device=device)
-    common = dict(n_boot=s.n_boot, seed=s.seed, batch_size=s.batch_size, cache_dir=cache, progress=progress)
+    common = dict(settings=s, cache_dir=cache, progress=progress)
     reports: dict[str, dict] = {}
     try:
         if "salient" in s.evaluations:
             for tau in s.taus:
-                rep = salient_task.submit(pinned, **ctx_kw, dataset=s.dataset, n=s.n, tau=tau, soap_tau=s.soap_tau,
-                                          foreground=s.foreground, refine=s.refine,
-                                          grid_png=str(out / f"salient-tau{tau:g}.png"), **common).result()
+                rep = salient_task.submit(pinned, **ctx_kw, tau=tau, grid_png=str(out / f"salient-tau{tau:g}.png"),
+                                          **common).result()
                 reports[report_key(rep)] = rep
         if "knn-seg" in s.evaluations:
-            rep = knn_seg_task.submit(pinned, **ctx_kw, dataset=s.dataset, bank=s.bank, n=s.n, bank_n=s.bank_n,
-                                      k=s.knn_seg_k, bank_patches=s.bank_patches, grid_png=str(out / "knn-seg.png"),
-                                      **common).result()
+            rep = knn_seg_task.submit(pinned, **ctx_kw, grid_png=str(out / "knn-seg.png"), **common).result()
             reports[report_key(rep)] = rep
         if "knn-cls" in s.evaluations:
-            rep = knn_cls_task.submit(pinned, **ctx_kw, dataset=s.dataset, bank=s.bank, n=s.n, bank_n=s.bank_n,
-                                      k=s.knn_cls_k, pools=s.pools, **common).result()
+            rep = knn_cls_task.submit(pinned, **ctx_kw, **common).result()
             reports[report_key(rep)] = rep
     finally:
         if own_cache:

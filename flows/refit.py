@@ -19,44 +19,38 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from soapflow.common import default_workdir, is_url, slug
-from soapflow.config import EvalSettings, FitParams
-from soapflow.extract import DEFAULT_CHUNK, default_device
+from soapflow.config import BackboneSpec, EvalSettings, RefitConfig, RunSettings
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
 from tasks.publish import publish_artifact
 
 
-def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, dtype: str) -> str:
+def store_uri(workdir: Path, spec: BackboneSpec, source: str, n, seed: int, run: RunSettings) -> str:
     """Stores are named by what they hold, so later refits on the same inputs reuse them."""
-    key = json.dumps({"spec": spec, "source": source, "n": n, "seed": seed, "chunk": chunk, "dtype": dtype},
+    named = {k: v for k, v in asdict(spec).items() if k != "final_norm"}
+    key = json.dumps({"spec": named, "source": source, "n": n, "seed": seed, "chunk": run.chunk, "dtype": run.dtype},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return str(workdir / "stores" / f"{slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{slug(source)}-{digest}")
+    return str(workdir / "stores" / f"{slug(spec.name)}-L{spec.layer}-{spec.feature}" / f"{slug(source)}-{digest}")
 
 
-def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress):
-    plan = prepare_store.submit(uri, spec, source, n, seed, chunk, dtype, shards).result()
-    futures = [extract_shard.submit(plan.uri, plan.created, chunks, spec, source, n, seed, num_workers, progress)
+def _extract(spec: BackboneSpec, uri: str, source: str, n, seed: int, run: RunSettings):
+    plan = prepare_store.submit(uri, spec, source, n, seed, run.chunk, run.dtype, run.shards).result()
+    futures = [extract_shard.submit(plan.uri, plan.created, chunks, spec, source, n, seed, run.num_workers,
+                                    run.progress)
                for chunks in plan.shards]
     return plan, finalize_store.submit(plan.uri, futures)
 
 
-def backbone_spec(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                  device: str | None) -> dict:
-    """The ``cached_backbone`` arguments of a refit (the same dict, so the same cached model)."""
-    return {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
-            "device": device or default_device()}
-
-
 @contextlib.contextmanager
-def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                    device: str | None, data: str, n_real: int | None, seed: int):
+def quick_local_run(config: RefitConfig):
     """Around a one-off ``refit`` call with no ``PREFECT_API_URL`` (``soap refit``).
 
     The temporary server boots in its own process while this thread loads the model and scans
@@ -69,13 +63,13 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
         yield
         return
     from flows.temporary_server import temporary_server
-    from soapflow.extract import cached_backbone, cached_source
+    from soapflow.extract import cached_source, load
 
     server = temporary_server()
     server.start()
     with contextlib.suppress(Exception):
-        cached_backbone(**backbone_spec(backbone, weights, layer, feature, image_size, device))
-        cached_source(data, n_real, seed)
+        load(config.backbone)
+        cached_source(config.data.real, config.data.n_real, config.data.seed)
         import distributed  # noqa: F401  what the fit and its plots import, while the server starts
         import matplotlib.pyplot  # noqa: F401
     # no UI URL: this server serves no UI, so Prefect should not print "View at" links to it
@@ -85,70 +79,41 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
 
 
 @flow(name="refit", log_prints=True)
-def refit(
-    backbone: str = "dinov2_vits14",
-    weights: str | None = None,
-    layer: int = -1,
-    feature: str = "out",
-    data: str = "photos",
-    n_real: int | None = None,
-    n_synth: int | None = None,
-    generator: str = "mixture",
-    image_size: int | None = None,
-    seed: int = 0,
-    mu: float | str = 2.0,
-    tau: float = 0.05,
-    gamma: float = 1.0,
-    threshold: float = 0.75,
-    chunk: int = DEFAULT_CHUNK,
-    dtype: str = "float16",
-    device: str | None = None,
-    shards: int = 1,
-    num_workers: int | None = None,
-    workdir: str | None = None,
-    out: str | None = None,
-    registry: str | None = None,
-    name: str | None = None,
-    publish: bool = True,
-    evaluate_after: list[str] | None = None,
-    eval_dataset: str = "fashion-mnist",
-    eval_n: int | None = 1000,
-    dask_address: str | None = None,
-    progress: bool = True,
-) -> dict:
+def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, and Prefect copies parameters
     """Refit SOAP for one backbone/layer on real images and synthetic noise.
 
-    The artifact is published to ``registry`` (default: ``$SOAPFLOW_REGISTRY`` or the
-    per-user registry) unless ``publish`` is false. ``evaluate_after`` (e.g. ``["knn-seg"]``)
-    runs the ``evaluate`` flow on the published version, which records its results there.
+    ``config`` (``soapflow.config.RefitConfig``): the backbone, the fit parameters, the images,
+    how the work runs, and where the artifact goes. It is published to ``config.output.registry``
+    (default: ``$SOAPFLOW_REGISTRY`` or the per-user registry) unless ``output.publish`` is false;
+    ``output.evaluate_after`` (e.g. ``["knn-seg"]``) runs the ``evaluate`` flow on the published
+    version, which records its results there.
     """
-    from soapflow.extract import cached_backbone
+    from soapflow.extract import load
 
     logger = get_run_logger()
-    work = Path(workdir) if workdir else default_workdir()
-    spec = backbone_spec(backbone, weights, layer, feature, image_size, device)
-    bb = cached_backbone(**spec)  # fail fast on a bad name/weights/layer, before any task runs
+    data, run, output = config.data, config.run, config.output
+    work = Path(run.workdir) if run.workdir else default_workdir()
+    spec = config.backbone.on_device()
+    bb = load(spec)  # fail fast on a bad name/weights/layer, before any task runs
     # Stores are named by the resolved block index (the same store whether given as -1 or 11);
     # tasks get the spec as given, so they hit the model already cached in this process.
-    named = {**spec, "layer": bb.layer}
+    named = spec.at(bb.layer)
     logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
-                spec["device"])
+                spec.device)
 
-    real_uri = store_uri(work, named, data, n_real, seed, chunk, dtype)
-    real_plan, real_done = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
-    synth_source = f"noise:{generator}"
-    synth_n = n_synth or real_plan.count
-    synth_uri = store_uri(work, named, synth_source, synth_n, seed, chunk, dtype)
-    _, synth_done = _extract(spec, synth_uri, synth_source, synth_n, seed, chunk, dtype, shards, num_workers, progress)
+    real_uri = store_uri(work, named, data.real, data.n_real, data.seed, run)
+    real_plan, real_done = _extract(spec, real_uri, data.real, data.n_real, data.seed, run)
+    synth_n = data.n_synth or real_plan.count
+    synth_uri = store_uri(work, named, data.synthetic, synth_n, data.seed, run)
+    _, synth_done = _extract(spec, synth_uri, data.synthetic, synth_n, data.seed, run)
 
-    artifact_dir = out or str(work / "artifacts" / f"{slug(bb.name)}-L{bb.layer}")
+    artifact_dir = output.out or str(work / "artifacts" / f"{slug(bb.name)}-L{bb.layer}")
     from prefect.runtime import flow_run
 
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
     real_extracted, synth_extracted = real_done.result(), synth_done.result()  # (an extraction's own error)
-    fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir,
-                                 FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold), dask_address=dask_address,
-                                 extra_manifest={"lineage": lineage}).result()
+    fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, config.fit,
+                                 dask_address=run.dask_address, extra_manifest={"lineage": lineage}).result()
     result = {
         "artifact": fitted.path,
         "content_hash": fitted.content_hash,
@@ -160,18 +125,19 @@ def refit(
         "skipped_images": real_plan.skipped,
         "ref": None,
     }
-    if publish:
-        published = publish_artifact.submit(fitted.path, registry, name, lineage).result()
+    if output.publish:
+        published = publish_artifact.submit(fitted.path, output.registry, output.name, lineage).result()
         result["ref"] = published.ref
         result["registry"] = published.registry
         result["published_new_version"] = published.created
         logger.info("published %s%s", published.ref, "" if published.created else " (identical content already there)")
-        if evaluate_after:
+        if output.evaluate_after:
             from flows.evaluate import evaluate
 
-            settings = EvalSettings(evaluations=tuple(evaluate_after), dataset=eval_dataset, n=eval_n)
-            result["evaluation"] = evaluate(published.ref, settings, registry=published.registry, weights=weights,
-                                            device=spec["device"], progress=False)
+            settings = EvalSettings(evaluations=tuple(output.evaluate_after), dataset=output.eval_dataset,
+                                    n=output.eval_n)
+            result["evaluation"] = evaluate(published.ref, settings, registry=published.registry,
+                                            weights=spec.weights, device=spec.device, progress=False)
     _publish_prefect_artifacts(result, bb)
     return result
 

@@ -23,20 +23,38 @@ into the catalog is all it takes to get its projection by the next scheduled run
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
 from flows.refit import refit
+from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
 
 ENTRY_KEYS = {"backbone", "weights", "layers", "layer", "feature", "data", "n_real", "n_synth", "generator",
               "image_size", "seed", "mu", "tau", "gamma", "threshold", "chunk", "name", "device"}
 
 
-def load_catalog(path: str) -> list[dict]:
-    """Entries with defaults applied, one per (entry, layer)."""
+@dataclass(frozen=True)
+class CatalogJob:
+    """One entry × layer of a catalog, as the refit it asks for."""
+
+    entry: int
+    config: RefitConfig
+
+    @property
+    def label(self) -> str:
+        return f"{self.config.backbone.name} layer {self.config.backbone.layer}"
+
+    def row(self, status: str, ref: str | None) -> dict:
+        return {"entry": self.entry, "backbone": self.config.backbone.name, "layer": self.config.backbone.layer,
+                "status": status, "ref": ref}
+
+
+def load_catalog(path: str) -> list[CatalogJob]:
+    """Entries with defaults applied, one per (entry, layer), each checked as a ``RefitConfig``."""
     import yaml
 
     p = Path(path)
@@ -64,22 +82,19 @@ def load_catalog(path: str) -> list[dict]:
             layers = [merged.pop("layer", -1)]
         merged.pop("layer", None)
         for layer in layers if isinstance(layers, list) else [layers]:
-            jobs.append({**merged, "layer": layer, "entry": i})
+            jobs.append(CatalogJob(i, RefitConfig.from_flat({**merged, "layer": layer}, what=f"catalog {path}: entry {i}")))
     return jobs
 
 
-def existing_version(job: dict, registry: str | None) -> str | None:
+def existing_version(config: RefitConfig, registry: str | None) -> str | None:
     """``name:version`` of a registry version fitted from exactly these inputs, if any."""
-    from soapflow.extract import cached_backbone, cached_source, default_device, source_fingerprint
+    from soapflow.extract import cached_source, load, source_fingerprint
     from storage.registry import Registry
 
-    bb = cached_backbone(job["backbone"], job.get("weights"), job["layer"], job.get("feature", "out"),
-                         job.get("image_size"), job.get("device") or default_device())
-    source = cached_source(job.get("data", "photos"), job.get("n_real"), job.get("seed", 0))
-    params = {"mu": job.get("mu", 2.0), "tau": job.get("tau", 0.05), "gamma": job.get("gamma", 1.0),
-              "threshold": job.get("threshold", 0.75), "feature": bb.feature, "image_size": bb.image_size}
-    if params["mu"] != "auto":
-        params["mu"] = float(params["mu"])
+    bb = load(config.backbone)
+    data = config.data
+    source = cached_source(data.real, data.n_real, data.seed)
+    params = {**config.fit.registry_params(), "feature": bb.feature, "image_size": bb.image_size}
     found = Registry(registry).find_by_inputs(bb.weights_sha256, bb.layer, source_fingerprint(source), params,
                                               backbone=bb.name)
     if not found:
@@ -96,26 +111,22 @@ def refit_catalog(catalog: str, registry: str | None = None, workdir: str | None
     rows = []
     failures = []
     for job in load_catalog(catalog):
-        label = f"{job['backbone']} layer {job['layer']}"
         try:
-            have = existing_version(job, registry)
+            have = existing_version(job.config, registry)
             if have:
-                rows.append({"entry": job["entry"], "backbone": job["backbone"], "layer": job["layer"],
-                             "status": "up to date", "ref": have})
+                rows.append(job.row("up to date", have))
                 continue
             if dry_run:
-                rows.append({"entry": job["entry"], "backbone": job["backbone"], "layer": job["layer"],
-                             "status": "would refit", "ref": None})
+                rows.append(job.row("would refit", None))
                 continue
-            params = {k: v for k, v in job.items() if k not in ("entry",)}
-            result = refit(**params, registry=registry, workdir=workdir, progress=False)
-            rows.append({"entry": job["entry"], "backbone": job["backbone"], "layer": job["layer"],
-                         "status": "refitted", "ref": result["ref"]})
+            config = replace(job.config, run=replace(job.config.run, workdir=workdir, progress=False),
+                             output=replace(job.config.output, registry=registry))
+            result = refit(config)
+            rows.append(job.row("refitted", result["ref"]))
         except Exception as exc:  # one bad entry must not stop the others
-            logger.error("%s failed: %s", label, exc)
-            failures.append(f"{label}: {exc}")
-            rows.append({"entry": job["entry"], "backbone": job["backbone"], "layer": job["layer"],
-                         "status": "failed", "ref": str(exc)[:200]})
+            logger.error("%s failed: %s", job.label, exc)
+            failures.append(f"{job.label}: {exc}")
+            rows.append(job.row("failed", str(exc)[:200]))
     create_table_artifact(table=rows, key="soap-refit-catalog", description=f"catalog {catalog}")
     if failures:
         raise SoapError(f"{len(failures)} catalog entries failed: " + "; ".join(failures))

@@ -214,6 +214,7 @@ class EvalSettings:
     taus: tuple[float, ...] = (0.2,)  # TokenCut τ: one salient run each
     soap_tau: float | None = None  # τ for the SOAP tokens (the authors pair 0.2 raw with 0.3 SOAP)
     foreground: str = "seed"
+    component: bool = False  # TokenCut: keep only the seed's connected component
     refine: bool = False
     bank: str | None = None  # kNN bank dataset (None: the other split of ``dataset``)
     bank_n: int | None = 1000
@@ -224,6 +225,7 @@ class EvalSettings:
     n_boot: int = 2000
     seed: int = 0
     batch_size: int = 32
+    n_grid: int = 6  # images in the PNG grids
 
     def __post_init__(self):
         evaluations = tuple(e for e in self.evaluations if e)

@@ -17,15 +17,11 @@ from storage.artifact import read_artifact
 REPO = Path(__file__).resolve().parents[1]
 POOL = "soapflow-gpu"  # the pool of the `refit` deployment, as users deploy it
 
-TINY = {
-    "backbone": "vit_tiny_patch16_224",
-    "weights": "random",
-    "image_size": 64,
-    "data": "photos",
-    "n_real": 12,
-    "chunk": 4,
-    "device": "cpu",  # deterministic in CI even where a GPU is visible
-    "progress": False,
+TINY = {  # a RefitConfig as JSON (soapflow/config.py)
+    "backbone": {"name": "vit_tiny_patch16_224", "weights": "random", "image_size": 64,
+                 "device": "cpu"},  # deterministic in CI even where a GPU is visible
+    "data": {"real": "photos", "n_real": 12},
+    "run": {"chunk": 4, "progress": False},
 }
 
 
@@ -95,7 +91,7 @@ def test_refit_deployment_on_a_real_server(tmp_path):
         [schedule] = nightly["schedules"]
         assert schedule["schedule"]["cron"] and schedule["schedule"]["timezone"]
 
-        params = {**TINY, "workdir": str(work), "out": str(out)}
+        params = {"config": {**TINY, "run": {**TINY["run"], "workdir": str(work)}, "output": {"out": str(out)}}}
         run = server.http.post(f"/deployments/{refit['id']}/create_flow_run",
                                json={"parameters": params}).raise_for_status().json()
         final = server.wait_flow_run(run["id"], timeout=240, watch=[worker, server.server])

@@ -404,14 +404,15 @@ def test_cli_salient_knn_seg_knn_cls_on_fashion_mnist(tiny_artifact, tmp_path):
 
 def test_soap_equals_raw_for_an_identity_projector(tiny_artifact):
     """With Pφ = I the two sides are the same computation: Δ = 0 exactly, nobody improves."""
+    from soapflow.config import EvalSettings
     from soapflow.evaluation.run import load_context, run_knn_cls, run_salient
 
     ctx = load_context(tiny_artifact)
     ctx.head.weight.data = torch.eye(ctx.head.in_features)
-    rep = run_salient(ctx, "fashion-mnist", n=8, n_boot=100, progress=False)
+    rep = run_salient(ctx, EvalSettings(dataset="fashion-mnist", n=8, n_boot=100), progress=False)
     for m in rep["metrics"].values():
         assert m["delta"]["value"] == 0 and m["delta"]["ci95"] == [0, 0] and m["delta"]["unchanged"] == 8
-    rep = run_knn_cls(ctx, "fashion-mnist", n=8, bank_n=10, n_boot=100, progress=False)
+    rep = run_knn_cls(ctx, EvalSettings(dataset="fashion-mnist", n=8, bank_n=10, n_boot=100), progress=False)
     assert all(m["delta"]["value"] == 0 for m in rep["metrics"].values())
 
 

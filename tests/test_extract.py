@@ -10,7 +10,7 @@ import time
 import numpy as np
 import pytest
 
-from soapflow.config import BackboneSpec
+from soapflow.config import BackboneSpec, RefitConfig
 import torch
 
 from soapflow.extract import cached_backbone, cached_source, extract, extract_chunks, open_store_for
@@ -307,8 +307,9 @@ def test_cli_extract_and_bad_backbone(tmp_path):
 def _refit(tmp, **kw):
     from flows.refit import refit
 
-    return refit(backbone="vit_tiny_patch16_224", weights="random", image_size=64, data="photos", n_real=12,
-                 chunk=4, workdir=str(tmp), progress=False, **kw)
+    return refit(RefitConfig.from_flat(dict(backbone="vit_tiny_patch16_224", weights="random", image_size=64,
+                                            data="photos", n_real=12, chunk=4, workdir=str(tmp), progress=False,
+                                            **kw)))
 
 
 def test_refit_flow_thread_pool_and_dask_runner_agree(tmp_path):
@@ -324,9 +325,9 @@ def test_refit_flow_thread_pool_and_dask_runner_agree(tmp_path):
     assert (first["extraction"]["real"]["written_images"], first["extraction"]["synthetic"]["written_images"]) == (12, 12)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         flow = refit.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))
-        second = flow(backbone="vit_tiny_patch16_224", weights="random", image_size=64, data="photos", n_real=12,
-                      chunk=4, shards=2, workdir=str(tmp_path / "b"), progress=False,
-                      dask_address=cluster.scheduler_address)
+        second = flow(RefitConfig.from_flat(dict(
+            backbone="vit_tiny_patch16_224", weights="random", image_size=64, data="photos", n_real=12, chunk=4,
+            shards=2, workdir=str(tmp_path / "b"), progress=False, dask_address=cluster.scheduler_address)))
     assert second["content_hash"] == first["content_hash"]
     # a second refit on the same inputs reuses both stores
     again = _refit(tmp_path / "a")

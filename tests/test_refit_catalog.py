@@ -3,6 +3,7 @@
 import pytest
 
 from flows.refit_catalog import load_catalog, refit_catalog
+from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
 from storage.registry import Registry
 
@@ -58,9 +59,10 @@ def test_refit_publishes_then_evaluates_into_the_record(tmp_path):
     from flows.refit import refit
 
     reg = str(tmp_path / "reg")
-    result = refit(backbone="vit_tiny_patch16_224", weights="random", image_size=32, data="fashion-mnist:train",
-                   n_real=12, chunk=4, workdir=str(tmp_path / "work"), registry=reg, progress=False,
-                   evaluate_after=["knn-cls"], eval_n=20)
+    result = refit(RefitConfig.from_flat(dict(
+        backbone="vit_tiny_patch16_224", weights="random", image_size=32, data="fashion-mnist:train", n_real=12,
+        chunk=4, workdir=str(tmp_path / "work"), registry=reg, progress=False, evaluate_after=["knn-cls"],
+        eval_n=20)))
     assert result["ref"] == "vit_tiny_patch16_224/11:1"
     evaluations = Registry(reg).record(result["ref"])["evaluations"]
     assert evaluations, "the evaluate flow should have written its results into the version's record"

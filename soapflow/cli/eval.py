@@ -14,6 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from soapflow.config import EvalSettings
 from soapflow.errors import SoapError
 
 app = typer.Typer(help="Zero-shot evaluations of a SOAP head: raw vs SOAP tokens.", no_args_is_help=True,
@@ -108,9 +109,10 @@ def salient(
         raise SoapError(f"--tau/--soap-tau are cosine thresholds in [-1, 1], got {tau} / {soap_tau}")
     _check_common(n, n_boot)
     ctx = _context(head, registry, weights, image_size, device)
-    report = run_salient(ctx, dataset, n=n, tau=tau, soap_tau=soap_tau, foreground=foreground, component=component,
-                         refine=refine, n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
-                         grid_png=grid, n_grid=n_grid, progress=not quiet)
+    settings = EvalSettings(evaluations=("salient",), dataset=dataset, n=n, taus=(tau,), soap_tau=soap_tau,
+                            foreground=foreground, component=component, refine=refine, n_boot=n_boot, seed=seed,
+                            batch_size=batch_size, n_grid=n_grid)
+    report = run_salient(ctx, settings, cache_dir=cache_dir, grid_png=grid, progress=not quiet)
     _finish(report, ctx, json_path, record)
 
 
@@ -143,9 +145,10 @@ def knn_seg(
     _check_common(n, n_boot)
     _check_knn(k, bank_n)
     ctx = _context(head, registry, weights, image_size, device)
-    report = run_knn_seg(ctx, dataset, bank, n=n, bank_n=bank_n, k=k, bank_patches=bank_patches or None,
-                         n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache_dir, grid_png=grid,
-                         n_grid=n_grid, progress=not quiet)
+    settings = EvalSettings(evaluations=("knn-seg",), dataset=dataset, bank=bank, n=n, bank_n=bank_n, knn_seg_k=k,
+                            bank_patches=bank_patches or None, n_boot=n_boot, seed=seed, batch_size=batch_size,
+                            n_grid=n_grid)
+    report = run_knn_seg(ctx, settings, cache_dir=cache_dir, grid_png=grid, progress=not quiet)
     _finish(report, ctx, json_path, record)
 
 
@@ -177,8 +180,9 @@ def knn_cls(
     _check_knn(k, bank_n)
     pools = tuple(p.strip() for p in pool.split(",") if p.strip())
     ctx = _context(head, registry, weights, image_size, device)
-    report = run_knn_cls(ctx, dataset, bank, n=n, bank_n=bank_n, k=k, pools=pools, n_boot=n_boot, seed=seed,
-                         batch_size=batch_size, cache_dir=cache_dir, progress=not quiet)
+    settings = EvalSettings(evaluations=("knn-cls",), dataset=dataset, bank=bank, n=n, bank_n=bank_n, knn_cls_k=k,
+                            pools=pools, n_boot=n_boot, seed=seed, batch_size=batch_size)
+    report = run_knn_cls(ctx, settings, cache_dir=cache_dir, progress=not quiet)
     _finish(report, ctx, json_path, record)
 
 

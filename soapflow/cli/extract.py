@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from soapflow.config import BackboneSpec, FitParams
+from soapflow.config import BackboneSpec, DataSpec, FitParams, OutputSettings, RefitConfig, RunSettings
 from soapflow.extract import DEFAULT_CHUNK
 
 
@@ -78,22 +78,25 @@ def refit(
 
     from flows.refit import refit as refit_flow
     from flows.refit import quick_local_run
-    from soapflow.errors import SoapError
     from soapflow.extract import TIMINGS, ExtractStats
 
-    mu_value = FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold).mu_label  # checked before any work
+    config = RefitConfig(  # checked here, before any work
+        backbone=BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, image_size=image_size,
+                              device=device),
+        fit=FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold),
+        data=DataSpec(real=data, n_real=n_real, generator=generator, n_synth=n_synth, seed=seed),
+        run=RunSettings(chunk=chunk, shards=shards, num_workers=workers, workdir=workdir, dask_address=dask_address),
+        output=OutputSettings(out=out, registry=registry, name=name, publish=publish,
+                              evaluate_after=tuple(e.strip() for e in evaluate.split(",") if e.strip()) or None
+                              if evaluate else None),
+    )
     flow = refit_flow
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed):
-        result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
-                      n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
-                      gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
-                      num_workers=workers, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
-                      evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
-                      dask_address=dask_address)
+    with quick_local_run(config):
+        result = flow(config)
     console = Console(soft_wrap=True)
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):

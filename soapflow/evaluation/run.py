@@ -15,11 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from soapflow.config import EvalSettings
 from soapflow.errors import SoapError
 from soapflow.evaluation import protocols as P
 from soapflow.evaluation.datasets import EvalData, open_eval_data, to_uint8
 from soapflow.evaluation.report import make_report, save_label_grid, save_mask_grid
-from soapflow.evaluation.stats import DEFAULT_N_BOOT
 from soapflow.evaluation.tokens import extract_tokens
 
 __all__ = [
@@ -170,25 +170,16 @@ def load_targets(data: EvalData, n: int, size: int, *, masks=False, label_maps=F
 # ------------------------------------------------------------------------------- salient
 
 
-def run_salient(
-    ctx: EvalContext,
-    dataset="fashion-mnist",
-    *,
-    n: int | None = None,
-    tau: float = 0.2,
-    soap_tau: float | None = None,
-    foreground: str = "seed",
-    component: bool = False,
-    refine: bool = False,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = 0,
-    batch_size: int = 32,
-    cache_dir: str | None = None,
-    grid_png: str | None = None,
-    n_grid: int = 6,
-    progress: bool = True,
-) -> dict:
-    """TokenCut on raw and on SOAP tokens of the same images; max Fβ / IoU / accuracy."""
+def run_salient(ctx: EvalContext, settings: EvalSettings, *, tau: float | None = None, dataset=None,
+                cache_dir: str | None = None, grid_png: str | None = None, progress: bool = True) -> dict:
+    """TokenCut on raw and on SOAP tokens of the same images; max Fβ / IoU / accuracy. ``tau``:
+    default ``settings.taus[0]``; ``dataset``: an opened ``EvalData`` or a spec (default
+    ``settings.dataset``)."""
+    s = settings
+    n, soap_tau, foreground, component, refine = s.n, s.soap_tau, s.foreground, s.component, s.refine
+    n_boot, seed, batch_size, n_grid = s.n_boot, s.seed, s.batch_size, s.n_grid
+    tau = s.taus[0] if tau is None else tau
+    dataset = s.dataset if dataset is None else dataset
     t0 = time.perf_counter()
     bb = ctx.backbone
     data = _data(dataset, n)
@@ -246,25 +237,16 @@ def _patch_label_array(data: EvalData, count: int, size: int, grid) -> np.ndarra
     return np.stack([patch_labels(data.label_map(i, size), grid) for i in range(count)])
 
 
-def run_knn_seg(
-    ctx: EvalContext,
-    dataset="fashion-mnist",
-    bank=None,
-    *,
-    n: int | None = None,
-    bank_n: int | None = 1000,
-    k: int = 10,
-    bank_patches: int | None = 16384,
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = 0,
-    batch_size: int = 32,
-    cache_dir: str | None = None,
-    grid_png: str | None = None,
-    n_grid: int = 6,
-    progress: bool = True,
-) -> dict:
+def run_knn_seg(ctx: EvalContext, settings: EvalSettings, *, dataset=None, bank=None, cache_dir: str | None = None,
+                grid_png: str | None = None, progress: bool = True) -> dict:
     """Patch kNN segmentation: each query patch takes the majority label of its ``k`` nearest
-    bank patches; mIoU and pixel accuracy at pixel resolution."""
+    bank patches; mIoU and pixel accuracy at pixel resolution. ``dataset``/``bank``: opened
+    ``EvalData`` or specs (default: the settings')."""
+    s = settings
+    n, bank_n, k, bank_patches = s.n, s.bank_n, s.knn_seg_k, s.bank_patches
+    n_boot, seed, batch_size, n_grid = s.n_boot, s.seed, s.batch_size, s.n_grid
+    dataset = s.dataset if dataset is None else dataset
+    bank = s.bank if bank is None else bank
     t0 = time.perf_counter()
     bb = ctx.backbone
     data = _data(dataset, n)
@@ -313,23 +295,15 @@ def run_knn_seg(
 # ------------------------------------------------------------------------ kNN classification
 
 
-def run_knn_cls(
-    ctx: EvalContext,
-    dataset="fashion-mnist",
-    bank=None,
-    *,
-    n: int | None = None,
-    bank_n: int | None = 1000,
-    k: int = 20,
-    pools: tuple[str, ...] = ("mean", "cls"),
-    n_boot: int = DEFAULT_N_BOOT,
-    seed: int = 0,
-    batch_size: int = 32,
-    cache_dir: str | None = None,
-    progress: bool = True,
-) -> dict:
+def run_knn_cls(ctx: EvalContext, settings: EvalSettings, *, dataset=None, bank=None, cache_dir: str | None = None,
+                progress: bool = True) -> dict:
     """kNN classification (cosine, majority vote) on mean-pooled patch tokens and, where the
-    model has one, the class token of the same block (SOAP applies Pφ to it as well)."""
+    model has one, the class token of the same block (SOAP applies Pφ to it as well).
+    ``dataset``/``bank``: opened ``EvalData`` or specs (default: the settings')."""
+    s = settings
+    n, bank_n, k, pools, n_boot, seed, batch_size = s.n, s.bank_n, s.knn_cls_k, s.pools, s.n_boot, s.seed, s.batch_size
+    dataset = s.dataset if dataset is None else dataset
+    bank = s.bank if bank is None else bank
     t0 = time.perf_counter()
     bb = ctx.backbone
     bad = [p for p in pools if p not in ("mean", "cls")]

@@ -314,13 +314,11 @@ def _evaluate_layers(bb, fits: dict[int, LayerFit], settings: EvalSettings, cach
         head = SOAPHead(torch.from_numpy(fit.fit.projector.astype(np.float32)), manifest)
         ctx = R.EvalContext(head, manifest, f"scan:L{l}", False, dataclasses.replace(bb, layer=l))
         reports[l] = {}
-        common = dict(n_boot=s.n_boot, seed=s.seed, batch_size=s.batch_size, cache_dir=cache_dir, progress=progress)
+        common = dict(dataset=data, cache_dir=cache_dir, progress=progress)
         if "salient" in s.evaluations:
-            reports[l]["salient"] = R.run_salient(ctx, data, n=s.n, tau=s.taus[0], **common)
+            reports[l]["salient"] = R.run_salient(ctx, s, **common)
         if "knn-seg" in s.evaluations:
-            reports[l]["knn-seg"] = R.run_knn_seg(ctx, data, bank_data, n=s.n, bank_n=s.bank_n, k=s.knn_seg_k,
-                                                 bank_patches=s.bank_patches, **common)
+            reports[l]["knn-seg"] = R.run_knn_seg(ctx, s, bank=bank_data, **common)
         if "knn-cls" in s.evaluations:
-            reports[l]["knn-cls"] = R.run_knn_cls(ctx, data, bank_data, n=s.n, bank_n=s.bank_n, k=s.knn_cls_k,
-                                                 **common)
+            reports[l]["knn-cls"] = R.run_knn_cls(ctx, s, bank=bank_data, **common)
     return reports

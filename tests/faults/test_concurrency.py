@@ -125,8 +125,7 @@ def test_two_refits_fill_one_store_without_corrupting_it(tmp_path, no_leftover_l
     from soapflow.extract import extract
     from tasks.extract import extract_shard, finalize_store, prepare_store
 
-    spec = {"name": "vit_tiny_patch16_224", "weights": "random", "layer": 11, "feature": "out", "image_size": 32,
-            "device": "cpu"}
+    spec = BackboneSpec("vit_tiny_patch16_224", weights="random", layer=11, image_size=32, device="cpu")
     source, n, chunk = "noise:mixture", 24, 4
     single, _ = extract(**TINY, source_spec=source, out=str(tmp_path / "single"), n=n, chunk=chunk)
     uri = str(tmp_path / "shared")

@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 
 import soapflow.extract as ex
-from soapflow.config import BackboneSpec
+from soapflow.config import BackboneSpec, RefitConfig
 from soapflow.errors import SoapError, TransientError
 from storage.feature_store import FeatureStore
 from tests.faults.helpers import DroppableEndpoint, same_bits
 
-SPEC = {"name": "vit_tiny_patch16_224", "weights": "random", "layer": 11, "feature": "out", "image_size": 32,
-        "device": "cpu"}
+SPEC = BackboneSpec("vit_tiny_patch16_224", weights="random", layer=11, image_size=32, device="cpu")
 REFIT = dict(backbone="vit_tiny_patch16_224", weights="random", image_size=32, n_real=24, chunk=8, progress=False)
 
 
@@ -35,7 +34,7 @@ def test_refit_retries_a_failing_extraction_and_matches_dask_runner(images, tmp_
         return real_extract(store, backbone, source, chunks, **kw)
 
     monkeypatch.setattr(ex, "extract_chunks", fails_once)
-    first = refit(data=str(images), workdir=str(tmp_path / "a"), **REFIT)
+    first = refit(RefitConfig.from_flat(dict(data=str(images), workdir=str(tmp_path / "a"), **REFIT)))
     assert len(calls) == 2 and calls[0] == calls[1]  # the failed attempt and Prefect's retry
     # the retry redid the two unflagged chunks only: 16 of the 24 images
     assert first["extraction"]["real"]["written_images"] == 16
@@ -45,7 +44,8 @@ def test_refit_retries_a_failing_extraction_and_matches_dask_runner(images, tmp_
     # the same refit, no failure, on a DaskTaskRunner: the same artifact, bit for bit
     runner = DaskTaskRunner(cluster_kwargs={"n_workers": 1, "threads_per_worker": 2, "processes": False,
                                             "dashboard_address": None})
-    second = refit.with_options(task_runner=runner)(data=str(images), workdir=str(tmp_path / "b"), **REFIT)
+    second = refit.with_options(task_runner=runner)(RefitConfig.from_flat(dict(data=str(images),
+                                                                               workdir=str(tmp_path / "b"), **REFIT)))
     assert second["extraction"]["real"]["written_images"] == 24
     assert second["content_hash"] == first["content_hash"]
     assert same_bits(np.asarray(FeatureStore.open(first["stores"]["real"]).tokens[:]),
@@ -124,7 +124,7 @@ def test_transient_errors_are_told_from_input_errors():
 
     import botocore.exceptions
 
-    from soapflow.config import BackboneSpec
+    from soapflow.config import BackboneSpec, RefitConfig
 from soapflow.errors import SoapError, TransientError, io_error, is_transient
 
     assert is_transient(OSError(errno.ENOSPC, "No space left on device"))
