@@ -164,6 +164,10 @@ class OutputSettings:
     eval_dataset: str = "fashion-mnist"
     eval_n: int | None = 1000
 
+    def __post_init__(self):
+        if self.evaluate_after is not None:
+            object.__setattr__(self, "evaluate_after", tuple(self.evaluate_after))
+
 
 @dataclass(frozen=True)
 class RefitConfig:
