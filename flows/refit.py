@@ -26,19 +26,21 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from soapflow.common import default_workdir, is_url, slug
-from soapflow.config import BackboneSpec, EvalSettings, RefitConfig, RunSettings
+from soapflow.config import EvalSettings, RefitConfig, RunSettings
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
 from tasks.publish import publish_artifact
 
 
-def store_uri(workdir: Path, spec: BackboneSpec, source: str, n, seed: int, run: RunSettings) -> str:
-    """Stores are named by what they hold, so later refits on the same inputs reuse them."""
-    named = {k: v for k, v in asdict(spec).items() if k != "final_norm"}
+def store_uri(workdir: Path, named: dict, source: str, n, seed: int, run: RunSettings) -> str:
+    """Stores are named by what they hold (``named``: the backbone spec with its block index and
+    final norm resolved), so later refits on the same inputs reuse them."""
     key = json.dumps({"spec": named, "source": source, "n": n, "seed": seed, "chunk": run.chunk, "dtype": run.dtype},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return str(workdir / "stores" / f"{slug(spec.name)}-L{spec.layer}-{spec.feature}" / f"{slug(source)}-{digest}")
+    norm = "-norm" if named.get("final_norm") is True else ""
+    return str(workdir / "stores" / f"{slug(named['name'])}-L{named['layer']}-{named['feature']}{norm}"
+               / f"{slug(source)}-{digest}")
 
 
 def _extract(spec: BackboneSpec, uri: str, source: str, n, seed: int, run: RunSettings):
@@ -95,11 +97,11 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
     work = Path(run.workdir) if run.workdir else default_workdir()
     spec = config.backbone.on_device()
     bb = load(spec)  # fail fast on a bad name/weights/layer, before any task runs
-    # Stores are named by the resolved block index (the same store whether given as -1 or 11);
-    # tasks get the spec as given, so they hit the model already cached in this process.
-    named = spec.at(bb.layer)
-    logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
-                spec.device)
+    # Stores are named by the resolved block index and final norm (the same store whether given as
+    # -1 or 11, auto or on); tasks get the spec as given, so they hit the model already cached here.
+    named = {**asdict(spec), "layer": bb.layer, "final_norm": bb.final_norm_at()}
+    logger.info("backbone %s layer %d (%s, %s the final norm) grid %s dim %d on %s", bb.name, bb.layer, bb.feature,
+                "after" if bb.final_norm_at() else "before", bb.grid, bb.dim, spec.device)
 
     real_uri = store_uri(work, named, data.real, data.n_real, data.seed, run)
     real_plan, real_done = _extract(spec, real_uri, data.real, data.n_real, data.seed, run)
@@ -110,7 +112,8 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
     artifact_dir = output.out or str(work / "artifacts" / f"{slug(bb.name)}-L{bb.layer}")
     from prefect.runtime import flow_run
 
-    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name,
+               "final_norm": bb.final_norm_at()}
     real_extracted, synth_extracted = real_done.result(), synth_done.result()  # (an extraction's own error)
     fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, config.fit,
                                  dask_address=run.dask_address, extra_manifest={"lineage": lineage}).result()
@@ -119,6 +122,7 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
         "content_hash": fitted.content_hash,
         "n_suppressed": fitted.manifest["n_suppressed"],
         "mu": fitted.manifest["mu"],
+        "final_norm": fitted.manifest.get("final_norm", False),
         "top": fitted.top,
         "stores": {"real": real_uri, "synthetic": synth_uri},
         "extraction": {"real": real_extracted.summary(), "synthetic": synth_extracted.summary()},
@@ -146,7 +150,8 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_table_artifact(table=result["top"], key="soap-top-si-scores",
                           description=f"Top SI scores, {bb.name} layer {bb.layer}")
     lines = [
-        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature})",
+        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature}, "
+        f"{'after' if result.get('final_norm') else 'before'} the final norm)",
         "",
         f"- components suppressed: **{result['n_suppressed']}** (μ = {result['mu']:g})",
         f"- artifact: `{result['artifact']}` (sha256 `{result['content_hash'][:16]}…`)",

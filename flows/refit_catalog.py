@@ -14,9 +14,10 @@ A catalog is a YAML (or JSON) file:
         layers: [-1]
         data: /data/val-images
         n_real: 2000
+        final_norm: auto                 # auto (last block only) | on | off
 
 An entry × layer is skipped when the registry already holds a version fitted from the same
-weights sha256, layer, real-data fingerprint and parameters; so dropping a new checkpoint
+weights sha256, layer, final norm, real-data fingerprint and parameters; so dropping a new checkpoint
 into the catalog is all it takes to get its projection by the next scheduled run.
 """
 
@@ -33,7 +34,7 @@ from flows.refit import refit
 from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
 
-ENTRY_KEYS = {"backbone", "weights", "layers", "layer", "feature", "data", "n_real", "n_synth", "generator",
+ENTRY_KEYS = {"backbone", "weights", "layers", "layer", "feature", "final_norm", "data", "n_real", "n_synth", "generator",
               "image_size", "seed", "mu", "tau", "gamma", "threshold", "chunk", "name", "device"}
 
 
@@ -94,7 +95,8 @@ def existing_version(config: RefitConfig, registry: str | None) -> str | None:
     bb = load(config.backbone)
     data = config.data
     source = cached_source(data.real, data.n_real, data.seed)
-    params = {**config.fit.registry_params(), "feature": bb.feature, "image_size": bb.image_size}
+    params = {**config.fit.registry_params(), "feature": bb.feature, "image_size": bb.image_size,
+              "final_norm": bb.final_norm_at()}
     found = Registry(registry).find_by_inputs(bb.weights_sha256, bb.layer, source_fingerprint(source), params,
                                               backbone=bb.name)
     if not found:

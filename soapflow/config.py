@@ -96,6 +96,17 @@ class FitParams:
 
 
 DEFAULT_CHUNK = 64  # images per store chunk: the unit of work and of resuming
+FINAL_NORM = ("auto", "on", "off")  # the model's final norm: at the last block only, at every block, nowhere
+
+
+def parse_final_norm(value) -> str:
+    """``auto``/``on``/``off`` from a CLI string, a flow parameter or a catalog entry (YAML reads a
+    bare ``on``/``off`` as a boolean, so booleans are accepted too)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in FINAL_NORM:
+        return value.strip().lower()
+    raise SoapError(f"final norm must be one of {', '.join(FINAL_NORM)}, got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -108,9 +119,12 @@ class BackboneSpec:
     weights: str | None = None
     layer: int = -1
     feature: str = "out"
-    final_norm: str = "auto"
+    final_norm: str | bool = "auto"  # FINAL_NORM; a bool is read as on/off
     image_size: int | None = None
     device: str | None = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "final_norm", parse_final_norm(self.final_norm))
 
     def on_device(self) -> BackboneSpec:
         """This spec with the device resolved (what a loaded model is cached under)."""

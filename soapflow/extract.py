@@ -34,24 +34,30 @@ _DEVICE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 _BACKBONE_LOCK = threading.Lock()
 
 
-def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str):
+def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str,
+                    final_norm: str | bool = "auto"):
     """One loaded model per process and configuration: mapped tasks reuse it. Tasks running
     at once in threads wait for one load instead of each loading (and holding) a copy."""
+    from soapflow.backbones import parse_final_norm
+
+    final_norm = parse_final_norm(final_norm)
     with _BACKBONE_LOCK:
-        return _cached_backbone(name, weights, layer, feature, image_size, device)
+        return _cached_backbone(name, weights, layer, feature, image_size, device, final_norm)
 
 
 def load(spec: BackboneSpec):
     """The backbone ``spec`` names, loaded once per process (``cached_backbone``)."""
     spec = spec.on_device()
-    return cached_backbone(spec.name, spec.weights, spec.layer, spec.feature, spec.image_size, spec.device)
+    return cached_backbone(spec.name, spec.weights, spec.layer, spec.feature, spec.image_size, spec.device,
+                           spec.final_norm)
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name, weights, layer, feature, image_size, device):
+def _cached_backbone(name, weights, layer, feature, image_size, device, final_norm):
     from soapflow.backbones import load_backbone
 
-    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
+    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device,
+                         final_norm=final_norm)
 
 
 @lru_cache(maxsize=16)
@@ -73,7 +79,7 @@ def store_attributes(backbone, source, dtype: str) -> dict:
     from soapflow import __version__
 
     return {
-        **backbone.info(),  # backbone, layer, feature, image_size, grid, dim, mean, std, …
+        **backbone.info(),  # backbone, layer, feature, final_norm, image_size, grid, dim, mean, std, …
         "weights": backbone.weights_sha256,
         "source": {"spec": source.spec, "kind": source.kind, **source.fingerprint},
         "fingerprint": source_fingerprint(source),

@@ -10,6 +10,7 @@ import numpy as np
 
 from soapflow.errors import SoapError
 from soapflow.method import suppressed
+from storage.artifact import final_norm_of
 
 
 def same_value(a: Any, b: Any) -> bool:
@@ -38,7 +39,7 @@ def suppressed_rows(tensors: dict) -> np.ndarray:
 
 
 DIFF_KEYS = (
-    "backbone", "weights", "layer", "feature", "image_size", "grid", "dim", "mu", "mu_mode", "tau",
+    "backbone", "weights", "layer", "feature", "final_norm", "image_size", "grid", "dim", "mu", "mu_mode", "tau",
     "gamma", "threshold", "suppress", "n_suppressed", "n_real_images", "n_synth_images",
     "stores.real.uri", "stores.real.fingerprint", "stores.synthetic.uri", "stores.synthetic.fingerprint",
 )
@@ -81,6 +82,8 @@ def diff_artifacts(a: tuple[str, Any], b: tuple[str, Any]) -> dict:
     params = {}
     for key in DIFF_KEYS:
         va, vb = dotted(art_a.manifest, key), dotted(art_b.manifest, key)
+        if key == "final_norm":
+            va, vb = final_norm_of(art_a.manifest), final_norm_of(art_b.manifest)
         if not same_value(va, vb):
             params[key] = [va, vb]
     return {

@@ -17,6 +17,8 @@ def extract(
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
     layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
     feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block "
+                                                  "only, as forward_features and the authors), on (every block), off.")] = "auto",
     n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (multiple of the patch size).")] = None,
     chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
@@ -32,13 +34,15 @@ def extract(
 
     from soapflow.extract import extract as run_extract
 
-    spec = BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
+    spec = BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
+                        image_size=image_size, device=device)
     store, stats = run_extract(spec, source, out, n=n, chunk=chunk, seed=seed, dtype=dtype, num_workers=workers,
                                compress=compress)
     attrs = store.attrs
     console = Console(soft_wrap=True)
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
-    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs})")
+    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs}), block {attrs.get('layer')} "
+                  f"{'after' if attrs.get('final_norm') else 'before'} the final norm")
     console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s: "
                   f"{stats.breakdown()}); skipped files: {attrs.get('n_skipped', 0)}")
     for item in (attrs.get("skipped") or [])[:10]:
@@ -50,6 +54,8 @@ def refit(
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
     layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
     feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block "
+                                                  "only, as forward_features and the authors), on (every block), off.")] = "auto",
     data: Annotated[str, typer.Option(help="Real images: folder, 'photos', 'fashion-mnist[:split]'.")] = "photos",
     n_real: Annotated[Optional[int], typer.Option(help="Real images to use (default: all).")] = None,
     n_synth: Annotated[Optional[int], typer.Option(help="Synthetic images (default: as many as real).")] = None,
@@ -81,8 +87,8 @@ def refit(
     from soapflow.extract import TIMINGS, ExtractStats
 
     config = RefitConfig(  # checked here, before any work
-        backbone=BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, image_size=image_size,
-                              device=device),
+        backbone=BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
+                              image_size=image_size, device=device),
         fit=FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold),
         data=DataSpec(real=data, n_real=n_real, generator=generator, n_synth=n_synth, seed=seed),
         run=RunSettings(chunk=chunk, shards=shards, num_workers=workers, workdir=workdir, dask_address=dask_address),

@@ -17,6 +17,7 @@ def scan(
     weights: Annotated[Optional[str], typer.Option(help="Weights file, or 'random' (non-catalog backbones).")] = None,
     layers: Annotated[str, typer.Option(help="all, last, or block indices like 4,8,11.")] = "all",
     feature: Annotated[str, typer.Option(help="out, q, k, v or kqv.")] = "out",
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (last block only), on (every block), off.")] = "auto",
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default: the backbone's).")] = None,
     data: Annotated[str, typer.Option(help="Real images: photos, fashion-mnist[:train], a folder.")] = "fashion-mnist:train",
     n: Annotated[int, typer.Option("--n", help="Real images.")] = 256,
@@ -53,7 +54,8 @@ def scan(
 
     if not synth.startswith("noise:"):
         raise SoapError(f"--synth takes noise:<generator>, got {synth!r}")
-    spec = BackboneSpec(backbone, weights=weights, feature=feature, image_size=image_size, device=device)
+    spec = BackboneSpec(backbone, weights=weights, feature=feature, final_norm=final_norm, image_size=image_size,
+                        device=device)
     images = DataSpec(real=data, n_real=n, generator=synth.removeprefix("noise:"), n_synth=synth_n, seed=seed)
     evaluation = EvalSettings(evaluations=tuple(e.strip() for e in eval.split(",") if e.strip()), dataset=eval_data,
                               n=eval_n, bank=bank, bank_n=bank_n, bank_patches=bank_patches or None,

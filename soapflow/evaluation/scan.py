@@ -203,7 +203,7 @@ def scan(
     batch_size, dtype, work_dir = run.chunk, run.dtype, run.workdir
     t0 = time.perf_counter()
     bb = load_backbone(backbone.name, weights=backbone.weights, layer=-1, feature=backbone.feature,
-                       image_size=backbone.image_size, device=backbone.device or "cpu")
+                       image_size=backbone.image_size, device=backbone.device or "cpu", final_norm=backbone.final_norm)
     layer_list = parse_layers(layers, bb.depth)
     real_src = open_source(data.real, n=n, seed=seed)
     synth_src = open_source(synth, n=data.n_synth or n or len(real_src), seed=seed)
@@ -231,7 +231,7 @@ def scan(
         if own_work and not keep_work:
             shutil.rmtree(work, ignore_errors=True)
 
-    summaries = [fits[l].summary() for l in layer_list]
+    summaries = [{**fits[l].summary(), "final_norm": bb.final_norm_at(l)} for l in layer_list]
     if keep_work or not own_work:
         for s in summaries:
             s["stores"] = {"real": fits[s["layer"]].real_uri, "synthetic": fits[s["layer"]].synth_uri}
@@ -310,7 +310,8 @@ def _evaluate_layers(bb, fits: dict[int, LayerFit], settings: EvalSettings, cach
     for l in layers:
         fit = fits[l]
         manifest = {"backbone": bb.name, "weights": bb.weights_sha256, "layer": l, "feature": bb.feature,
-                    "image_size": bb.image_size, "mu": fit.fit.mu, "name": f"scan:{bb.name}/L{l}"}
+                    "final_norm": bb.final_norm_at(l), "image_size": bb.image_size, "mu": fit.fit.mu,
+                    "name": f"scan:{bb.name}/L{l}"}
         head = SOAPHead(torch.from_numpy(fit.fit.projector.astype(np.float32)), manifest)
         ctx = R.EvalContext(head, manifest, f"scan:L{l}", False, dataclasses.replace(bb, layer=l))
         reports[l] = {}
