@@ -236,6 +236,20 @@ def _bank_spec(data: EvalData, bank) -> str:
     raise SoapError(f"dataset {data.spec}: pass --bank (a labelled dataset for the kNN bank, e.g. the train split)")
 
 
+def _query_and_bank(dataset, n, bank, bank_n, needs: str, what: str, bank_what: str):
+    """The query data and the kNN bank, each checked to have ``needs`` (an ``EvalData`` flag),
+    and how many images of each are used."""
+    data = _data(dataset, n)
+    if not getattr(data, needs):
+        raise SoapError(f"dataset {data.spec} has no {what} (layout {data.layout})")
+    bank_data = _data(_bank_spec(data, bank), bank_n)
+    if not getattr(bank_data, needs):
+        raise SoapError(f"bank {bank_data.spec} has no {bank_what} (layout {bank_data.layout})")
+    count = len(data) if n is None else min(n, len(data))
+    bcount = len(bank_data) if bank_n is None else min(bank_n, len(bank_data))
+    return data, bank_data, count, bcount
+
+
 def _patch_label_array(data: EvalData, count: int, size: int, grid) -> np.ndarray:
     from soapflow.evaluation.knn import patch_labels
 
@@ -254,14 +268,9 @@ def run_knn_seg(ctx: EvalContext, settings: EvalSettings, *, dataset=None, bank=
     bank = s.bank if bank is None else bank
     t0 = time.perf_counter()
     bb = ctx.backbone
-    data = _data(dataset, n)
-    if not data.has_label_maps:
-        raise SoapError(f"dataset {data.spec} has no label maps for kNN segmentation (layout {data.layout})")
-    bank_data = _data(_bank_spec(data, bank), bank_n)
-    if not bank_data.has_label_maps:
-        raise SoapError(f"bank {bank_data.spec} has no label maps for kNN segmentation (layout {bank_data.layout})")
-    count = len(data) if n is None else min(n, len(data))
-    bcount = len(bank_data) if bank_n is None else min(bank_n, len(bank_data))
+    data, bank_data, count, bcount = _query_and_bank(dataset, n, bank, bank_n, "has_label_maps",
+                                                     "label maps for kNN segmentation",
+                                                     "label maps for kNN segmentation")
     size = bb.image_size
     q = extract_tokens(bb, data, [bb.layer], n=count, batch_size=batch_size, cache_dir=cache_dir,
                        progress=progress, desc=f"tokens {data.spec}").tokens[bb.layer]
@@ -314,14 +323,8 @@ def run_knn_cls(ctx: EvalContext, settings: EvalSettings, *, dataset=None, bank=
     bad = [p for p in pools if p not in ("mean", "cls")]
     if bad or not pools:
         raise SoapError(f"--pool takes mean and/or cls, got {list(pools)}")
-    data = _data(dataset, n)
-    if not data.has_labels:
-        raise SoapError(f"dataset {data.spec} has no class labels for kNN classification (layout {data.layout})")
-    bank_data = _data(_bank_spec(data, bank), bank_n)
-    if not bank_data.has_labels:
-        raise SoapError(f"bank {bank_data.spec} has no class labels (layout {bank_data.layout})")
-    count = len(data) if n is None else min(n, len(data))
-    bcount = len(bank_data) if bank_n is None else min(bank_n, len(bank_data))
+    data, bank_data, count, bcount = _query_and_bank(dataset, n, bank, bank_n, "has_labels",
+                                                     "class labels for kNN classification", "class labels")
     want_cls = "cls" in pools
     q = extract_tokens(bb, data, [bb.layer], n=count, batch_size=batch_size, cache_dir=cache_dir, with_cls=want_cls,
                        progress=progress, desc=f"tokens {data.spec}")
