@@ -89,10 +89,8 @@ def resolve_head(ref: str, registry=None):
         raise SoapError(f"--head {ref}: a file, not an artifact directory (manifest.json + soap.safetensors)")
     if ref.startswith(("/", "./", "../", "~")) or ref.endswith("/") or os.sep + os.sep in ref:
         raise SoapError(f"--head {ref}: no such artifact directory")
-    try:
-        from soapflow.consume import load_head
-    except ImportError as e:  # pragma: no cover - the registry is part of the project
-        raise SoapError(f"--head {ref!r} is not a directory and the registry is unavailable ({e})") from e
+    from soapflow.consume import load_head
+
     try:
         return load_head(ref, registry=registry), True
     except SoapError as e:

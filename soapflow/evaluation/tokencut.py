@@ -65,13 +65,10 @@ class NCut:
 
 
 def _as_batch(tokens) -> tuple[np.ndarray, tuple[int, int]]:
-    try:
-        import torch
+    import torch
 
-        if isinstance(tokens, torch.Tensor):
-            tokens = tokens.detach().cpu().numpy()
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(tokens, torch.Tensor):
+        tokens = tokens.detach().cpu().numpy()
     z = np.asarray(tokens)
     if z.ndim == 3:
         z = z[None]
