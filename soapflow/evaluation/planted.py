@@ -34,6 +34,7 @@ The kNN bank is the real fit store (the training split), so the real data must c
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import os
@@ -278,6 +279,7 @@ def recovery(tensors: dict, directions: np.ndarray) -> dict:
             "best_abs_cos": float(cos[d]),
             "best_score": float(scores[d]),
             "best_weight": float(weights[d]),
+            "best_eigenvalue": float(tensors["eigenvalues"][d]) if "eigenvalues" in tensors else None,
             "best_suppressed": bool(d in set(rows.tolist())),
         })
     return {
@@ -624,12 +626,15 @@ def _notes(report: dict) -> list[str]:
     for run in report["runs"]:
         if not run["recovered"]:
             dirs = ", ".join(f"{d['angle_to_suppressed_deg']:.1f}°" for d in run["directions"])
+            cos = ", ".join(f"{d['best_abs_cos']:.2f}" for d in run["directions"])
             notes.append(
                 f"k={run['k']} at {run['amplitude']:g}×: not recovered — largest principal angle "
                 f"{run['max_angle_deg']:.1f}° (> {MAX_ANGLE_DEG:g}°); each direction's angle to the suppressed "
-                f"subspace: {dirs}; planted SI min {run['min_si']:.3f}; {run['n_suppressed']} components suppressed. "
-                + ("A planted direction's variance here is comparable to the natural top components', "
-                   "so PCA mixes them." if run["amplitude"] <= 1 else "")
+                f"subspace: {dirs}; the component best aligned with each has |cos| {cos}; planted SI min "
+                f"{run['min_si']:.3f}; {run['n_suppressed']} components suppressed."
+                + (f" A planted direction adds at most λ_max of variance here, as much as the natural top "
+                   f"components (λ = {', '.join(f'{v:.3g}' for v in report['clean']['eigenvalues_top'][:3])}), "
+                   "so PCA mixes planted and natural directions." if run["amplitude"] <= 1 else "")
             )
     if any(e == "knn-cls" for e in report["config"]["evaluations"]):
         notes.append("kNN top-1 uses mean-pooled patch tokens; every planted pattern sums to zero over the grid, "
@@ -685,8 +690,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: PlantedEval | None, w
                      "total": round(time.perf_counter() - t0, 2)},
         "images_per_second": clean["images_per_second"],
         "soapflow_version": __version__,
-        "created": __import__("datetime").datetime.now(__import__("datetime").timezone.utc).isoformat(
-            timespec="seconds"),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
     }
     report["notes"] = _notes(report)
     return report
@@ -731,7 +735,9 @@ def markdown_table(report: dict) -> str:
                  + ", ".join(f"{t['score']:.3f}" for t in clean["top_si"][:4]) + ".")
     for e in report["config"].get("evaluations", []):
         key, label = METRICS[e]
-        lines += ["", f"**{label}** (%; Δ with paired 95% bootstrap CI, * = excludes 0)", "",
+        lines += ["", f"**{label}** (%; Δ with its paired 95% bootstrap CI over images, * = excludes 0; "
+                  "recovered = 1 − (clean+SOAP − planted+SOAP)/(clean − planted), given where planting's loss is "
+                  "significant; within CI = the CI of planted+SOAP − clean+SOAP contains 0)", "",
                   "| k | amplitude | clean | clean+SOAP | planted | planted+SOAP | planting Δ [CI] | "
                   "planted+SOAP − clean+SOAP [CI] | recovered | within CI |",
                   "|---:|---:|---:|---:|---:|---:|---|---|---:|:---:|"]
@@ -796,39 +802,47 @@ def print_report(report: dict, console=None) -> None:
 
 
 def plot_report(report: dict, path: str) -> str:
-    """PNG: largest principal angle and the planted SI vs amplitude, one line per k; with
-    evaluations, planted and planted+SOAP minus clean+SOAP per metric."""
+    """PNG: largest principal angle and the lowest planted SI vs amplitude, one line per k; with
+    evaluations, planted (dashed) and planted+SOAP (solid) minus clean+SOAP per metric."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     evs = report["config"].get("evaluations", [])
-    ncol = 2 + len(evs)
-    fig, axes = plt.subplots(1, ncol, figsize=(3.8 * ncol, 3.3), squeeze=False)
-    axes = axes[0]
-    for k in report["config"]["ks"]:
+    panels = 2 + len(evs)
+    ncol = min(3, panels)
+    nrow = -(-panels // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.0 * ncol, 3.2 * nrow), squeeze=False)
+    axes = axes.ravel()
+    for i, k in enumerate(report["config"]["ks"]):
+        color = f"C{i}"
         runs = sorted((r for r in report["runs"] if r["k"] == k), key=lambda r: r["amplitude"])
         amps = [r["amplitude"] for r in runs]
-        axes[0].plot(amps, [r["max_angle_deg"] for r in runs], "o-", label=f"k={k}")
-        axes[1].plot(amps, [r["min_si"] for r in runs], "o-", label=f"k={k}")
+        axes[0].plot(amps, [r["max_angle_deg"] for r in runs], "o-", color=color, label=f"k={k}")
+        axes[1].plot(amps, [r["min_si"] for r in runs], "o-", color=color, label=f"k={k}")
         for ax, e in zip(axes[2:], evs):
             key = METRICS[e][0]
             ax.plot(amps, [100 * (r["metrics"][key]["planted"] - r["metrics"][key]["clean_soap"]) for r in runs],
-                    "x--", alpha=0.6, label=f"planted, k={k}")
+                    "x--", color=color, alpha=0.6, label=f"planted, k={k}")
             ax.plot(amps, [100 * (r["metrics"][key]["planted_soap"] - r["metrics"][key]["clean_soap"]) for r in runs],
-                    "o-", label=f"planted+SOAP, k={k}")
+                    "o-", color=color, label=f"planted+SOAP, k={k}")
     axes[0].axhline(MAX_ANGLE_DEG, color="0.4", ls=":", lw=1)
-    axes[0].set_ylabel("largest principal angle (°)")
+    axes[0].set_title("recovery: largest principal angle (°)", fontsize=9)
     axes[1].axhline(report["config"]["threshold"], color="0.4", ls=":", lw=1)
-    axes[1].set_ylabel("lowest SI of a planted direction")
+    axes[1].set_title("lowest SI of a planted direction", fontsize=9)
     for ax, e in zip(axes[2:], evs):
         ax.axhline(0, color="0.4", ls=":", lw=1)
-        ax.set_ylabel(f"{METRICS[e][1]} − clean+SOAP (pts)")
+        ax.set_title(f"{METRICS[e][1]}: − clean+SOAP (points)", fontsize=9)
         ax.legend(fontsize=6)
-    for ax in axes:
+    amps = sorted(report["config"]["amplitudes"])
+    for ax in axes[:panels]:
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("amplitude (× λ_max)")
+        ax.set_xticks(amps, [f"{a:g}×" for a in amps])
+        ax.minorticks_off()
+        ax.set_xlabel("amplitude (× λ_max of the clean tokens)", fontsize=8)
+    for ax in axes[panels:]:
+        ax.axis("off")
     axes[0].legend(fontsize=8)
     b = report.get("backbone", {})
     fig.suptitle(f"planted artifacts: {b.get('backbone')} layer {b.get('layer')}", fontsize=10)
