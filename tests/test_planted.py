@@ -115,6 +115,34 @@ def test_sweep_recovers_planted_directions_through_stores_and_the_dask_fit(tmp_p
     assert manifest["mu_mode"] == "auto"
 
 
+def test_natural_pattern_components_and_the_artifact_actually_present(tmp_path):
+    """Clean tokens that already carry one planted pattern along w: PCA finds c·u + g, not u."""
+    grid, d = (6, 6), 24
+    pats, _ = PL.cosine_patterns(grid, 1)
+    w = np.zeros(d)
+    w[0] = 1.0  # the natural positional direction, b·a_0(h, w)·w, b = 2
+    position = 2.0 * pats[0][..., None] * w
+    np.testing.assert_allclose(PL.natural_pattern_components(position + 5.0, pats), [2.0 * w], atol=1e-12)
+
+    scales = np.linspace(3.0, 0.5, d)
+    real = write_store(str(tmp_path / "real"), _content_tokens(60, grid, d, scales, 0) + position, chunk=16)
+    synth = write_store(str(tmp_path / "synth"), _content_tokens(60, grid, d, np.ones(d), 1) + position, chunk=16)
+    out = PL.fit_sweep(real.uri, synth.uri, PL.Planting(ks=(1,), amplitudes=(4.0,), seed=7),
+                       str(tmp_path / "sweep"), progress=False)
+    (run,) = out["runs"]
+    (direction,) = run["directions"]
+    c = np.sqrt(4.0 * out["clean"]["lambda_max"])
+    u = PL.planted_directions(d, 1, seed=7)[0]
+    g = PL.natural_pattern_components(np.asarray(real.tokens[:], dtype=np.float64).mean(axis=0), pats)[0]
+    expected = np.degrees(np.arccos(abs(u @ (c * u + g)) / np.linalg.norm(c * u + g)))
+    assert direction["natural_ratio"] == pytest.approx(np.linalg.norm(g) / c, rel=1e-6)
+    assert direction["natural_ratio"] == pytest.approx(2.0 / c, rel=0.1)  # g ≈ 2·w, up to the content's noise
+    assert direction["angle_u_to_effective_deg"] == pytest.approx(expected, rel=1e-6) and expected > 12
+    # the suppressed component is the artifact present, c·u + g; against u alone it is off by that tilt
+    assert run["effective_max_angle_deg"] < 4 and run["max_angle_deg"] > 10 and not run["recovered"]
+    assert run["n_suppressed"] == 1
+
+
 def test_token_view_plants_then_applies_the_head():
     import torch
 

@@ -245,12 +245,22 @@ def make_plant(grid: tuple[int, int], dim: int, k: int, amplitude: float, lambda
 # ------------------------------------------------------------------------------ analysis
 
 
-def recovery(tensors: dict, directions: np.ndarray) -> dict:
-    """How well an artifact's suppressed subspace matches ``span(directions)``.
-
-    ``tensors``: an artifact's (``components`` rows in rank order, ``scores``, ``weights``, …)."""
+def _angles(s: np.ndarray, v: np.ndarray) -> list[float]:
+    """Principal angles (°, ascending) between ``span(rows of s)`` and the ``k``-dimensional
+    ``span(rows of v)``; 90° for each planted dimension the suppressed subspace cannot hold."""
     from scipy.linalg import subspace_angles
 
+    angles = sorted(float(a) for a in np.degrees(subspace_angles(s.T, v.T))) if len(s) else []
+    return angles + [90.0] * (len(v) - len(angles))
+
+
+def recovery(tensors: dict, directions: np.ndarray, effective: np.ndarray | None = None) -> dict:
+    """How well an artifact's suppressed subspace matches ``span(directions)``.
+
+    ``tensors``: an artifact's (``components`` rows in rank order, ``scores``, ``weights``, …).
+    ``effective`` (``(k, D)``, optional): the positional artifact actually present with each
+    planted pattern, ``c_j u_j + g_j`` (see :func:`natural_pattern_components`); its principal
+    angles are reported beside those to ``span(u_j)``."""
     from storage.registry import suppressed_rows
 
     comps = np.asarray(tensors["components"], dtype=np.float64)
@@ -260,11 +270,7 @@ def recovery(tensors: dict, directions: np.ndarray) -> dict:
     k = len(u)
     rows = suppressed_rows({"weights": weights, "scores": scores})
     s = comps[rows]
-    if len(rows):
-        angles = sorted(float(a) for a in np.degrees(subspace_angles(s.T, u.T)))
-    else:
-        angles = []
-    angles += [90.0] * (k - len(angles))  # planted dimensions the suppressed subspace cannot hold
+    angles = _angles(s, u)
     per_dir = np.degrees(np.arccos(np.clip(np.linalg.norm(s @ u.T, axis=0), 0, 1))) if len(rows) else np.full(k, 90.0)
     in_span = (comps[rows] @ u.T) ** 2  # (s, k): share of each suppressed component in each u_j
     planted_like = in_span.sum(axis=1) >= 0.5
@@ -282,6 +288,14 @@ def recovery(tensors: dict, directions: np.ndarray) -> dict:
             "best_eigenvalue": float(tensors["eigenvalues"][d]) if "eigenvalues" in tensors else None,
             "best_suppressed": bool(d in set(rows.tolist())),
         })
+    extra = {}
+    if effective is not None:
+        eff = np.asarray(effective, dtype=np.float64)
+        ea = _angles(s, eff)
+        extra = {"effective_principal_angles_deg": ea, "effective_max_angle_deg": float(max(ea))}
+        for j, d in enumerate(directions_out):
+            d["angle_u_to_effective_deg"] = float(np.degrees(np.arccos(np.clip(
+                abs(eff[j] @ u[j]) / max(np.linalg.norm(eff[j]), 1e-300), 0, 1))))
     return {
         "suppressed_ranks": [int(r) for r in rows],
         "n_suppressed": int(len(rows)),
@@ -290,7 +304,30 @@ def recovery(tensors: dict, directions: np.ndarray) -> dict:
         "recovered": bool(max(angles) <= MAX_ANGLE_DEG),
         "n_suppressed_not_planted": int(np.count_nonzero(~planted_like)),
         "directions": directions_out,
+        **extra,
     }
+
+
+def natural_pattern_components(position_mean: np.ndarray, patterns: np.ndarray) -> np.ndarray:
+    """``g_j = mean over positions of a_j(h, w)·(μ(h, w) − m)`` ``(k, D)``: how the clean tokens'
+    own per-position mean already varies with each planted pattern. Planting adds ``c_j u_j``
+    to it, so the positional artifact with pattern ``a_j`` in the planted tokens is
+    ``c_j u_j + g_j`` (patterns have unit RMS), and PCA finds that, not ``u_j`` alone."""
+    mu = np.asarray(position_mean, dtype=np.float64)
+    centred = mu - mu.mean(axis=(0, 1))
+    return np.einsum("khw,hwd->kd", patterns, centred) / (mu.shape[0] * mu.shape[1])
+
+
+def _position_mean(store) -> np.ndarray:
+    """Per-position mean ``(H, W, D)`` over a store's images, in float64."""
+    from soapflow.fit import block_images
+
+    n = store.count
+    b = block_images(store.grid, store.dim)
+    total = np.zeros((*store.grid, store.dim))
+    for start in range(0, n, b):
+        total += np.asarray(store.tokens[start:min(n, start + b)]).sum(axis=0, dtype=np.float64)
+    return total / n
 
 
 def direction_scores(real_counts: np.ndarray, n_real: int, synth_counts: np.ndarray, n_synth: int,
@@ -378,6 +415,7 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
                                           address, {"planted": None}, progress)
         clean_t = read_artifact(clean_path).tensors
         lam = float(clean_t["eigenvalues"][0])
+        position_mean = _position_mean(real)
         clean = {
             "artifact": clean_path,
             "lambda_max": lam,
@@ -396,7 +434,10 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
             path, manifest = _fit(pr.uri, ps.uri, os.path.join(work_dir, "artifacts", tag), planting, address,
                                   {"planted": plant.describe()}, progress)
             tensors = read_artifact(path).tensors
-            rec = recovery(tensors, plant.directions)
+            natural = natural_pattern_components(position_mean, plant.patterns)
+            rec = recovery(tensors, plant.directions, plant.coefficients[:, None] * plant.directions + natural)
+            for d, g, c in zip(rec["directions"], natural, plant.coefficients):
+                d["natural_ratio"] = float(np.linalg.norm(g) / c)  # ‖g_j‖ / c_j
             mean = np.asarray(tensors["mean"], dtype=np.float64)
             si = direction_scores(_store_counts(pr, mean, plant.directions), pr.count,
                                   _store_counts(ps, mean, plant.directions), ps.count, manifest.get("gamma", 1.0))
@@ -621,6 +662,16 @@ def _extract_clean(data: PlantedData, work_dir: str, need_eval: bool, progress: 
     return {"uris": uris, "images_per_second": rates}
 
 
+def _natural_note(run: dict) -> str:
+    if "effective_max_angle_deg" not in run:
+        return ""
+    ratios = ", ".join(f"{d['natural_ratio']:.2f}" for d in run["directions"])
+    tilts = ", ".join(f"{d['angle_u_to_effective_deg']:.1f}°" for d in run["directions"])
+    return (f" The clean tokens' own per-position mean already varies with these patterns (‖g_j‖/c_j = {ratios}), "
+            f"so the positional artifact present with pattern a_j is c_j·u_j + g_j ({tilts} from u_j); the "
+            f"suppressed subspace is within {run['effective_max_angle_deg']:.1f}° of their span.")
+
+
 def _notes(report: dict) -> list[str]:
     notes = []
     for run in report["runs"]:
@@ -635,6 +686,7 @@ def _notes(report: dict) -> list[str]:
                 + (f" A planted direction adds at most λ_max of variance here, as much as the natural top "
                    f"components (λ = {', '.join(f'{v:.3g}' for v in report['clean']['eigenvalues_top'][:3])}), "
                    "so PCA mixes planted and natural directions." if run["amplitude"] <= 1 else "")
+                + _natural_note(run)
             )
     if any(e == "knn-cls" for e in report["config"]["evaluations"]):
         notes.append("kNN top-1 uses mean-pooled patch tokens; every planted pattern sums to zero over the grid, "
@@ -718,17 +770,23 @@ def _pct(x):
 def markdown_table(report: dict) -> str:
     """Markdown: the recovery table, then (when evaluated) one zero-shot table per metric."""
     lines = [
-        "| k | amplitude | largest angle | angles (°) | recovered | planted SI (direction / best component) "
-        "| suppressed (not planted) |",
-        "|---:|---:|---:|---|:---:|---|---:|",
+        "| k | amplitude | largest angle | angles (°) | recovered | largest angle to c·u + g "
+        "| planted SI (direction / best component) | suppressed (not planted) |",
+        "|---:|---:|---:|---|:---:|---:|---|---:|",
     ]
     for r in report["runs"]:
         si = ", ".join(f"{d['si']:.3f} / {d['best_score']:.3f}" for d in r["directions"])
         angles = ", ".join(f"{a:.1f}" for a in r["principal_angles_deg"])
+        eff = f"{r['effective_max_angle_deg']:.1f}°" if "effective_max_angle_deg" in r else "—"
         lines.append(f"| {r['k']} | {r['amplitude']:g}× | {r['max_angle_deg']:.1f}° | {angles} | "
-                     f"{'yes' if r['recovered'] else '**no**'} | {si} | {r['n_suppressed']} "
+                     f"{'yes' if r['recovered'] else '**no**'} | {eff} | {si} | {r['n_suppressed']} "
                      f"({r['n_suppressed_not_planted']}) |")
     clean = report["clean"]
+    lines.append("")
+    lines.append("Angles are principal angles between the suppressed subspace (weight > 0.5 · score) and "
+                 "span(u_j); recovered = largest ≤ " f"{MAX_ANGLE_DEG:g}°. c·u + g: the positional artifact "
+                 "actually present with each planted pattern a_j — the planted c_j·u_j plus g_j, the clean "
+                 "tokens' own per-position mean along a_j.")
     lines.append("")
     lines.append(f"Clean fit: λ_max = {clean['lambda_max']:.4g}, μ = {clean['mu']:g}, "
                  f"{clean['n_suppressed']} components suppressed, top SI "
@@ -769,12 +827,15 @@ def print_report(report: dict, console=None) -> None:
     t = Table(title=f"planted artifacts — {b.get('backbone')} layer {b.get('layer')}, "
                     f"{report['data']['real']} ({report['data']['n_real']}) + {report['data']['synthetic']} "
                     f"({report['data']['n_synth']})")
-    for col in ("k", "amplitude", "largest angle", "angles (°)", "recovered", "planted SI", "suppressed (not planted)"):
+    for col in ("k", "amplitude", "largest angle", "angles (°)", "recovered", "to c·u+g", "planted SI",
+                "suppressed (not planted)"):
         t.add_column(col, justify="left" if col in ("angles (°)", "planted SI") else "right")
     for r in report["runs"]:
         t.add_row(str(r["k"]), f"{r['amplitude']:g}×", f"{r['max_angle_deg']:.1f}°",
                   ", ".join(f"{a:.1f}" for a in r["principal_angles_deg"]),
-                  "yes" if r["recovered"] else "[red]no[/red]", ", ".join(f"{d['si']:.3f}" for d in r["directions"]),
+                  "yes" if r["recovered"] else "[red]no[/red]",
+                  f"{r['effective_max_angle_deg']:.1f}°" if "effective_max_angle_deg" in r else "—",
+                  ", ".join(f"{d['si']:.3f}" for d in r["directions"]),
                   f"{r['n_suppressed']} ({r['n_suppressed_not_planted']})")
     console.print(t)
     evs = report["config"].get("evaluations", [])
@@ -819,7 +880,10 @@ def plot_report(report: dict, path: str) -> str:
         color = f"C{i}"
         runs = sorted((r for r in report["runs"] if r["k"] == k), key=lambda r: r["amplitude"])
         amps = [r["amplitude"] for r in runs]
-        axes[0].plot(amps, [r["max_angle_deg"] for r in runs], "o-", color=color, label=f"k={k}")
+        axes[0].plot(amps, [r["max_angle_deg"] for r in runs], "o-", color=color, label=f"k={k}: to span(u)")
+        if all("effective_max_angle_deg" in r for r in runs):
+            axes[0].plot(amps, [r["effective_max_angle_deg"] for r in runs], "s:", color=color, alpha=0.7,
+                         label=f"k={k}: to span(c·u + g)")
         axes[1].plot(amps, [r["min_si"] for r in runs], "o-", color=color, label=f"k={k}")
         for ax, e in zip(axes[2:], evs):
             key = METRICS[e][0]
