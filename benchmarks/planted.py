@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--weights", default=None)
     ap.add_argument("--layer", type=int, default=-1)
+    ap.add_argument("--final-norm", default="auto", help="auto (after the last block only), on, off")
     ap.add_argument("--image-size", type=int, default=None)
     ap.add_argument("--data", default="fashion-mnist:train")
     ap.add_argument("--n-real", type=int, default=300)
@@ -54,7 +55,8 @@ def main() -> None:
     evals = () if a.evaluate == "none" else tuple(e.strip() for e in a.evaluate.split(","))
     planting = PL.Planting(ks=tuple(int(x) for x in a.k.split(",")),
                            amplitudes=tuple(float(x) for x in a.amplitudes.split(",")), seed=a.seed)
-    data = PL.PlantedData(backbone=a.backbone, weights=a.weights, layer=a.layer, image_size=a.image_size, real=a.data,
+    data = PL.PlantedData(backbone=a.backbone, weights=a.weights, layer=a.layer, final_norm=a.final_norm,
+                          image_size=a.image_size, real=a.data,
                           n_real=a.n_real, synth=a.synth, n_synth=a.n_synth, eval_data=a.eval_data, n_eval=a.n_eval,
                           chunk=a.chunk, device=a.device, seed=a.seed)
     ev = PL.PlantedEval(evaluations=evals, n_boot=a.n_boot, seed=a.seed)

@@ -201,6 +201,7 @@ def planted(
     backbone: Annotated[str, typer.Option(help="Catalog name or timm ViT name.")] = "dinov2_vits14",
     weights: Weights = None,
     layer: Annotated[int, typer.Option(help="Block whose tokens are fitted.")] = -1,
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block only), on, off.")] = "auto",
     image_size: ImageSize = None,
     data: Annotated[str, typer.Option(help="Real images for the fit (also the kNN bank).")] = "fashion-mnist:train",
     n_real: Annotated[int, typer.Option(help="Real images.")] = 300,
@@ -234,7 +235,8 @@ def planted(
     evals = () if evaluate.strip().lower() == "none" else tuple(e.strip() for e in evaluate.split(","))
     planting = PL.Planting(ks=_numbers(k, int, "--k"), amplitudes=_numbers(amplitudes, float, "--amplitudes"),
                            seed=seed, mu=mu_value, tau=tau, threshold=threshold)
-    data_cfg = PL.PlantedData(backbone=backbone, weights=weights, layer=layer, image_size=image_size, real=data,
+    data_cfg = PL.PlantedData(backbone=backbone, weights=weights, layer=layer, final_norm=final_norm,
+                              image_size=image_size, real=data,
                               n_real=n_real, synth=synth, n_synth=n_synth, eval_data=dataset, n_eval=n, chunk=chunk,
                               device=device, seed=seed)
     ev = PL.PlantedEval(evaluations=evals, salient_tau=salient_tau, bank_patches=bank_patches or None, n_boot=n_boot,

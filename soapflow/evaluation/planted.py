@@ -124,6 +124,7 @@ class PlantedData:
     backbone: str = "dinov2_vits14"
     weights: str | None = None
     layer: int = -1
+    final_norm: str = "auto"
     image_size: int | None = None
     real: str = "fashion-mnist:train"
     n_real: int = 300
@@ -136,6 +137,9 @@ class PlantedData:
     seed: int = 0
 
     def __post_init__(self):
+        from soapflow.backbones import parse_final_norm
+
+        object.__setattr__(self, "final_norm", parse_final_norm(self.final_norm))
         for name in ("n_real", "n_synth", "n_eval"):
             if getattr(self, name) < 2:
                 raise SoapError(f"--{name.replace('_', '-')} must be ≥ 2, got {getattr(self, name)}")
@@ -656,7 +660,7 @@ def _extract_clean(data: PlantedData, work_dir: str, need_eval: bool, progress: 
     for role, spec, n in roles:
         store, stats = extract(data.backbone, spec, os.path.join(work_dir, "clean", role), weights=data.weights,
                                layer=data.layer, n=n, image_size=data.image_size, chunk=data.chunk, seed=data.seed,
-                               device=data.device, progress=progress)
+                               device=data.device, progress=progress, final_norm=data.final_norm)
         uris[role] = store.uri
         rates[role] = round(stats.images_per_second, 2) if stats.images else None
     return {"uris": uris, "images_per_second": rates}
