@@ -22,8 +22,9 @@ ENV_VARS = ("SOAPFLOW_WORKDIR", "SOAPFLOW_CACHE", "SOAPFLOW_REGISTRY", "SOAPFLOW
 # the README's `soap refit`, on a random tiny ViT and a few photos so that the test takes seconds
 TINY = ["--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--data", "photos",
         "--chunk", "4", "--device", "cpu"]
-REFIT_ARTIFACTS = {"soap-top-si-scores": "table", "soap-refit-summary": "markdown", "soap-artifact": "link",
-                   "soap-real-store": "link", "soap-synthetic-store": "link", "soap-report": "link"}
+# Prefect keeps link artifacts as markdown "[text](url)"
+LINKS = ("soap-artifact", "soap-real-store", "soap-synthetic-store", "soap-report")
+REFIT_ARTIFACTS = {"soap-top-si-scores": "table", "soap-refit-summary": "markdown", **dict.fromkeys(LINKS, "markdown")}
 
 
 def readme_section(title: str) -> str:
@@ -79,7 +80,11 @@ def _check_artifacts(server: PrefectServer, run_id: str) -> dict:
     kinds = {a["key"]: a["type"] for a in arts}
     assert {k: kinds.get(k) for k in REFIT_ARTIFACTS} == REFIT_ARTIFACTS, kinds
     by_key = {a["key"]: a for a in arts}
-    report = Path(re.search(r"\((file://[^)]+)\)", by_key["soap-report"]["data"]).group(1)[len("file://"):])
+    links = {k: re.fullmatch(r"\[[^]]+\]\((file://[^)]+)\)", by_key[k]["data"]) for k in LINKS}
+    assert all(links.values()), {k: by_key[k]["data"] for k in LINKS}
+    for key, m in links.items():
+        assert Path(m.group(1)[len("file://"):]).exists(), (key, m.group(1))
+    report = Path(links["soap-report"].group(1)[len("file://"):])
     assert report.is_file() and "<title>SOAP report" in report.read_text()
     return by_key
 
