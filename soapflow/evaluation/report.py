@@ -206,11 +206,13 @@ def print_report(report: dict, console=None) -> None:
     title = f"{_label(report)} — {report.get('dataset', {}).get('spec')} (n={report.get('n_images')}), " \
             f"{head.get('backbone')} layer {head.get('layer')}, head {head_label(report)}"
     table = Table(title=title)
-    for col in ("metric", "raw", "SOAP", "Δ [95% CI]", "improved", "worsened", "unchanged"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
+    table.add_column("metric")
+    for col in ("raw", "SOAP", "Δ [95% CI]"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("images improved / worsened / unchanged", justify="right")
     for r in table_rows(report):
-        table.add_row(r["metric"], f"{r['raw']:.2f}", f"{r['soap']:.2f}", delta_text(r), str(r["improved"]),
-                      str(r["worsened"]), str(r["unchanged"]))
+        table.add_row(r["metric"], f"{r['raw']:.2f}", f"{r['soap']:.2f}", delta_text(r),
+                      f"{r['improved']} / {r['worsened']} / {r['unchanged']}")
     console.print(table)
     n_boot = next(iter(report["metrics"].values()))["delta"].get("n_boot") if report.get("metrics") else 0
     console.print(f"values in %; {SIGNIFICANCE_NOTE} ({n_boot} resamples)")
