@@ -198,6 +198,7 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
         f"- real store: `{result['stores']['real']}`",
         f"- synthetic store: `{result['stores']['synthetic']}`",
         f"- skipped real images: {result['skipped_images']}",
+        f"- HTML report: `{result['report']}`",
     ]
     if result.get("ref"):
         lines.append(f"- registry: `{result['ref']}`")

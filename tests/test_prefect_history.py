@@ -86,6 +86,7 @@ def _check_artifacts(server: PrefectServer, run_id: str) -> dict:
         assert Path(m.group(1)[len("file://"):]).exists(), (key, m.group(1))
     report = Path(links["soap-report"].group(1)[len("file://"):])
     assert report.is_file() and "<title>SOAP report" in report.read_text()
+    assert str(report) in by_key["soap-refit-summary"]["data"]
     return by_key
 
 
