@@ -287,6 +287,6 @@ def fit_to_artifact(
     if plots:
         from soapflow import plots as soap_plots
 
-        extra_files = soap_plots.fit_plots(fit)
+        extra_files = soap_plots.fit_plots(fit, manifest)
     path = write_artifact(out_dir, fit_tensors(fit), manifest, overwrite=overwrite, extra_files=extra_files)
     return path, fit, read_manifest(path)
