@@ -142,6 +142,9 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
                                     n=output.eval_n)
             result["evaluation"] = evaluate(published.ref, settings, registry=published.registry,
                                             weights=spec.weights, device=spec.device, progress=False)
+    from storage.html_report import refit_report
+
+    result["report"] = str(refit_report(result["artifact"], result.get("registry"), result["ref"]))
     _publish_prefect_artifacts(result, bb)
     return result
 
@@ -158,12 +161,15 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
         f"- real store: `{result['stores']['real']}`",
         f"- synthetic store: `{result['stores']['synthetic']}`",
         f"- skipped real images: {result['skipped_images']}",
+        f"- HTML report: `{result['report']}`",
     ]
     if result.get("ref"):
         lines.append(f"- registry: `{result['ref']}`")
     create_markdown_artifact(markdown="\n".join(lines), key="soap-refit-summary")
     create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
                          key="soap-artifact")
+    create_link_artifact(link=Path(result["report"]).resolve().as_uri(), link_text="SOAP report (HTML)",
+                         key="soap-report")
     for kind, uri in result["stores"].items():
         link = Path(uri).resolve().as_uri() if not is_url(uri) else uri
         create_link_artifact(link=link, link_text=f"{kind} feature store", key=f"soap-{kind}-store")

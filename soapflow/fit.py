@@ -255,6 +255,6 @@ def fit_to_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitPara
     if plots:
         from soapflow import plots as soap_plots
 
-        extra_files = soap_plots.fit_plots(fit)
+        extra_files = soap_plots.fit_plots(fit, manifest)
     path = write_artifact(out_dir, fit_tensors(fit), manifest, overwrite=overwrite, extra_files=extra_files)
     return path, fit, read_manifest(path)
