@@ -22,6 +22,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from soapflow.config import EvalSettings  # noqa: E402
 from soapflow.evaluation import planted as PL  # noqa: E402
 from soapflow.evaluation.report import write_json  # noqa: E402
 
@@ -59,7 +60,7 @@ def main() -> None:
                           image_size=a.image_size, real=a.data,
                           n_real=a.n_real, synth=a.synth, n_synth=a.n_synth, eval_data=a.eval_data, n_eval=a.n_eval,
                           chunk=a.chunk, device=a.device, seed=a.seed)
-    ev = PL.PlantedEval(evaluations=evals, n_boot=a.n_boot, seed=a.seed)
+    ev = EvalSettings(evaluations=evals, n_boot=a.n_boot, seed=a.seed)
     t0 = time.perf_counter()
     report = PL.run_planted(data, planting, ev, a.work_dir, progress=not a.quiet)
     if a.plot:

@@ -253,3 +253,9 @@ class EvalSettings:
         object.__setattr__(self, "evaluations", evaluations)
         object.__setattr__(self, "taus", tuple(float(t) for t in self.taus))
         object.__setattr__(self, "pools", tuple(self.pools))
+        if self.knn_seg_k < 1 or self.knn_cls_k < 1:
+            raise SoapError(f"kNN k must be ≥ 1, got {self.knn_seg_k} / {self.knn_cls_k}")
+        if self.n_boot < 100:
+            raise SoapError(f"--n-boot must be ≥ 100 for a usable 95% CI, got {self.n_boot}")
+        if not self.taus or not all(-1 <= t <= 1 for t in (*self.taus, self.soap_tau or 0)):
+            raise SoapError(f"--tau/--soap-tau are cosine thresholds in [-1, 1], got {self.taus} / {self.soap_tau}")

@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from soapflow.config import EvalSettings
 from soapflow.errors import SoapError
 from soapflow.evaluation import planted as PL
 from storage.feature_store import FeatureStore
@@ -71,7 +72,7 @@ def test_settings_validate_once():
     with pytest.raises(SoapError, match="--mu"):
         PL.Planting(mu=-1)
     with pytest.raises(SoapError, match="unknown evaluation"):
-        PL.PlantedEval(evaluations=("salient", "knn"))
+        EvalSettings(evaluations=("salient", "knn"))
     with pytest.raises(SoapError, match="--n-real"):
         PL.PlantedData(n_real=1)
 

@@ -243,8 +243,8 @@ def planted(
                               image_size=image_size, real=data,
                               n_real=n_real, synth=synth, n_synth=n_synth, eval_data=dataset, n_eval=n, chunk=chunk,
                               device=device, seed=seed)
-    ev = PL.PlantedEval(evaluations=evals, salient_tau=salient_tau, bank_patches=bank_patches or None, n_boot=n_boot,
-                        seed=seed)
+    ev = EvalSettings(evaluations=evals, taus=(salient_tau,), bank_patches=bank_patches or None, n_boot=n_boot,
+                      seed=seed)
     report = PL.run_planted(data_cfg, planting, ev, work_dir, keep_stores=keep_stores, progress=not quiet)
     if plot:
         report["plot_png"] = PL.plot_report(report, plot)

@@ -45,7 +45,7 @@ import numpy as np
 
 from soapflow import method
 from soapflow.common import utc_now
-from soapflow.config import BackboneSpec, FitParams
+from soapflow.config import EVALUATIONS, BackboneSpec, EvalSettings, FitParams
 from soapflow.errors import SoapError
 
 __all__ = [
@@ -53,7 +53,6 @@ __all__ = [
     "EVALUATIONS",
     "Planting",
     "PlantedData",
-    "PlantedEval",
     "Plant",
     "cosine_patterns",
     "planted_directions",
@@ -70,7 +69,6 @@ __all__ = [
 
 #: A planted direction counts as recovered when the largest principal angle is at most this.
 MAX_ANGLE_DEG = 10.0
-EVALUATIONS = ("salient", "knn-seg", "knn-cls")
 METRICS = {  # evaluation -> (report key, label)
     "salient": ("tokencut_max_fbeta", "TokenCut max Fβ"),
     "knn-seg": ("knn_seg_miou", "patch kNN mIoU"),
@@ -148,32 +146,6 @@ class PlantedData:
                 raise SoapError(f"--{name.replace('_', '-')} must be ≥ 2, got {getattr(self, name)}")
         if self.chunk < 1:
             raise SoapError(f"--chunk must be ≥ 1, got {self.chunk}")
-
-
-@dataclass(frozen=True)
-class PlantedEval:
-    """Zero-shot evaluations on the four conditions (empty ``evaluations``: recovery only)."""
-
-    evaluations: tuple[str, ...] = EVALUATIONS
-    salient_tau: float = 0.2
-    knn_seg_k: int = 10
-    knn_cls_k: int = 20
-    bank_patches: int | None = 16384
-    n_boot: int = 2000
-    seed: int = 0
-
-    def __post_init__(self):
-        evs = tuple(e for e in self.evaluations if e)
-        bad = [e for e in evs if e not in EVALUATIONS]
-        if bad:
-            raise SoapError(f"--evaluate: unknown evaluation(s) {bad}; choose from {', '.join(EVALUATIONS)}")
-        object.__setattr__(self, "evaluations", evs)
-        if self.knn_seg_k < 1 or self.knn_cls_k < 1:
-            raise SoapError(f"kNN k must be ≥ 1, got {self.knn_seg_k} / {self.knn_cls_k}")
-        if self.n_boot < 100:
-            raise SoapError(f"--n-boot must be ≥ 100 for a usable 95% CI, got {self.n_boot}")
-        if not -1 <= self.salient_tau <= 1:
-            raise SoapError(f"--salient-tau is a cosine threshold in [-1, 1], got {self.salient_tau}")
 
 
 # ------------------------------------------------------------------------------ planting
@@ -530,7 +502,7 @@ def _matching_data(spec: str, n: int, store) -> object:
     return data
 
 
-def _eval_inputs(real_store, eval_store, data: PlantedData, ev: PlantedEval) -> _EvalInputs:
+def _eval_inputs(real_store, eval_store, data: PlantedData, ev: EvalSettings) -> _EvalInputs:
     from soapflow.evaluation.knn import patch_labels
 
     size = int(eval_store.attrs.get("image_size") or data.image_size)
@@ -561,14 +533,14 @@ def _eval_inputs(real_store, eval_store, data: PlantedData, ev: PlantedEval) -> 
     return out
 
 
-def _condition(inp: _EvalInputs, ev: PlantedEval, add, head, progress: bool, desc: str) -> dict:
+def _condition(inp: _EvalInputs, ev: EvalSettings, add, head, progress: bool, desc: str) -> dict:
     """Per-image results of every evaluation for one condition (tokens ``+ add``, then ``head``)."""
     from soapflow.evaluation import protocols as P
 
     query = TokenView(inp.query, add, head)
     out = {}
     if "salient" in ev.evaluations:
-        out["salient"] = P.tokencut_images(query, inp.masks, tau=ev.salient_tau, progress=progress,
+        out["salient"] = P.tokencut_images(query, inp.masks, tau=ev.taus[0], progress=progress,
                                            desc=f"tokencut {desc}")
     if "knn-seg" in ev.evaluations or "knn-cls" in ev.evaluations:
         bank = TokenView(inp.bank, add, head)
@@ -582,7 +554,7 @@ def _condition(inp: _EvalInputs, ev: PlantedEval, add, head, progress: bool, des
     return out
 
 
-def _paired(evaluation: str, a, b, inp: _EvalInputs, ev: PlantedEval):
+def _paired(evaluation: str, a, b, inp: _EvalInputs, ev: EvalSettings):
     """Paired bootstrap of one metric, condition ``a`` (as "raw") vs ``b`` (as "soap")."""
     from soapflow.evaluation import protocols as P
 
@@ -623,7 +595,7 @@ def _metric_summary(clean_pair, loss, soap_gain, residual) -> dict:
     }
 
 
-def evaluate_sweep(sweep: dict, inp: _EvalInputs, ev: PlantedEval, *, progress: bool = True) -> dict:
+def evaluate_sweep(sweep: dict, inp: _EvalInputs, ev: EvalSettings, *, progress: bool = True) -> dict:
     """Zero-shot metrics for clean / clean+SOAP once and planted / planted+SOAP per run (in place)."""
     from soapflow.head import SOAPHead
 
@@ -701,13 +673,13 @@ def _notes(report: dict) -> list[str]:
     return notes
 
 
-def run_planted(data: PlantedData, planting: Planting, ev: PlantedEval | None, work_dir: str, *,
+def run_planted(data: PlantedData, planting: Planting, ev: EvalSettings | None, work_dir: str, *,
                 keep_stores: bool = False, progress: bool = True) -> dict:
     """Extract (or reuse) the clean stores in ``work_dir``, run the sweep, evaluate; a JSON-able report."""
     from soapflow import __version__
     from storage.feature_store import FeatureStore
 
-    ev = ev or PlantedEval(evaluations=())
+    ev = ev or EvalSettings(evaluations=())
     t0 = time.perf_counter()
     clean = _extract_clean(data, work_dir, bool(ev.evaluations), progress)
     uris = clean["uris"]
@@ -740,7 +712,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: PlantedEval | None, w
                    "max_angle_deg": MAX_ANGLE_DEG, "patterns": "DCT-II cosines cos(π f_y (h+½)/H)·cos(π f_x (w+½)/W), "
                    "unit RMS; c_j² = amplitude · λ_max(clean real tokens)",
                    "suppressed": "weight > 0.5 · score (storage.registry.suppressed_rows)",
-                   "evaluations": list(ev.evaluations), "salient_tau": ev.salient_tau, "knn_seg_k": ev.knn_seg_k,
+                   "evaluations": list(ev.evaluations), "salient_tau": ev.taus[0], "knn_seg_k": ev.knn_seg_k,
                    "knn_cls_k": ev.knn_cls_k, "bank_patches": ev.bank_patches, "n_boot": ev.n_boot},
         "clean": sweep["clean"],
         "runs": sweep["runs"],
@@ -755,7 +727,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: PlantedEval | None, w
     return report
 
 
-def _summary(runs: list[dict], ev: PlantedEval) -> dict:
+def _summary(runs: list[dict], ev: EvalSettings) -> dict:
     strong = [r for r in runs if r["amplitude"] >= 2]
     out = {
         "recovered_at_2x_and_above": bool(strong) and all(r["recovered"] for r in strong),
