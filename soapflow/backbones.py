@@ -37,7 +37,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 
 from storage.artifact import sha256_file
-from soapflow.config import FINAL_NORM, parse_final_norm
+from soapflow.config import DEFAULT_BACKBONE, FINAL_NORM, parse_final_norm
 from soapflow.errors import SoapError
 
 __all__ = [
@@ -54,7 +54,6 @@ __all__ = [
 ]
 
 FEATURES = ("out", "q", "k", "v", "kqv")
-DEFAULT_BACKBONE = "dinov2_vits14"
 # Random initialisation seeds and draws from torch's global RNG: two threads building models
 # at once interleave their draws and both get weights that differ from weights="random"'s.
 _RANDOM_INIT_LOCK = threading.Lock()

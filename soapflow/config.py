@@ -7,7 +7,7 @@ these objects and pass them whole; Prefect shows (and validates) them as flow pa
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 
 from soapflow.errors import SoapError
 
