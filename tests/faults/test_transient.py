@@ -124,8 +124,7 @@ def test_transient_errors_are_told_from_input_errors():
 
     import botocore.exceptions
 
-    from soapflow.config import BackboneSpec, RefitConfig
-from soapflow.errors import SoapError, TransientError, io_error, is_transient
+    from soapflow.errors import io_error, is_transient
 
     assert is_transient(OSError(errno.ENOSPC, "No space left on device"))
     assert is_transient(ConnectionResetError("peer reset")) and is_transient(TimeoutError())
