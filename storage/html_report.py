@@ -245,7 +245,7 @@ def previous_version(registry, name: str, version: int, record: dict | None = No
 
 def version_report(registry, ref: str, *, regenerate_plots: bool = True) -> str:
     """The HTML page of one registry version (pulled and hash-verified into a temporary directory)."""
-    from storage.registry import diff_artifacts
+    from storage.diff import diff_artifacts
 
     name, version = registry.resolve(ref)
     record = registry.record(f"{name}:{version}")

@@ -15,7 +15,7 @@ A controlled experiment on real tokens (issue 15 §2):
    μ = auto by default, into an artifact; the clean stores are fitted the same way.
 4. **Measure**
    * recovery: principal angles between the suppressed subspace (the components the registry
-     counts as suppressed, :func:`storage.registry.suppressed_rows`) and ``span(u_j)``, and each
+     counts as suppressed, :func:`soapflow.method.suppressed`) and ``span(u_j)``, and each
      ``u_j``'s angle to that subspace;
    * suppressed components that are not planted (less than half their norm² in ``span(u_j)``);
    * the SI of each planted direction, two ways: ``si`` — SPEC §1 steps 3–5 with ``u_j`` itself
@@ -240,14 +240,12 @@ def recovery(tensors: dict, directions: np.ndarray, effective: np.ndarray | None
     ``effective`` (``(k, D)``, optional): the positional artifact actually present with each
     planted pattern, ``c_j u_j + g_j`` (see :func:`natural_pattern_components`); its principal
     angles are reported beside those to ``span(u_j)``."""
-    from storage.registry import suppressed_rows
-
     comps = np.asarray(tensors["components"], dtype=np.float64)
     scores = np.asarray(tensors["scores"], dtype=np.float64)
     weights = np.asarray(tensors["weights"], dtype=np.float64)
     u = np.asarray(directions, dtype=np.float64)
     k = len(u)
-    rows = suppressed_rows({"weights": weights, "scores": scores})
+    rows = np.flatnonzero(method.suppressed(weights, scores))
     s = comps[rows]
     angles = _angles(s, u)
     per_dir = np.degrees(np.arccos(np.clip(np.linalg.norm(s @ u.T, axis=0), 0, 1))) if len(rows) else np.full(k, 90.0)
@@ -711,7 +709,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: EvalSettings | None, 
                    "mu": planting.mu, "tau": planting.tau, "threshold": planting.threshold,
                    "max_angle_deg": MAX_ANGLE_DEG, "patterns": "DCT-II cosines cos(π f_y (h+½)/H)·cos(π f_x (w+½)/W), "
                    "unit RMS; c_j² = amplitude · λ_max(clean real tokens)",
-                   "suppressed": "weight > 0.5 · score (storage.registry.suppressed_rows)",
+                   "suppressed": "weight > 0.5 · score (soapflow.method.suppressed)",
                    "evaluations": list(ev.evaluations), "salient_tau": ev.taus[0], "knn_seg_k": ev.knn_seg_k,
                    "knn_cls_k": ev.knn_cls_k, "bank_patches": ev.bank_patches, "n_boot": ev.n_boot},
         "clean": sweep["clean"],
