@@ -156,7 +156,7 @@ def refit(
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
     fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
                                  gamma=gamma, threshold=threshold, dask_address=dask_address,
-                                 extra_manifest={"lineage": lineage}).result()
+                                 extra_manifest={"lineage": lineage}, device=spec["device"]).result()
     result = {
         "artifact": fitted["path"],
         "content_hash": fitted["manifest"]["content_hash"],

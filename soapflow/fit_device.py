@@ -1,0 +1,180 @@
+"""The fit's leaf statistics in torch, on the device the fit was asked for (CUDA, or CPU).
+
+``soapflow.fit`` runs these leaves instead of ``soapflow.method``'s NumPy ones when a fit's
+device is ``cuda``/``cuda:N`` (or ``torch-cpu``, the same code on CPU so that CI runs it):
+- moments in float64 on the device (a float64 GEMM; merging stays in NumPy on the host);
+- activation counts as float32 projections with ``method.f32_bound``, the uncertain entries
+  recomputed in float64 on the device with ``method.f64_bound``, and those still uncertain
+  exactly on the host — so every decision is the exact sign, the same as the NumPy leaf's;
+- on CUDA, blocks are read by zarr straight into a pinned buffer of the task thread and
+  copied on that thread's own stream, so one thread's copy overlaps another's arithmetic.
+
+Each leaf returns host NumPy results, so the merge tree, the eigendecomposition and the
+artifact are the CPU fit's code; run to run they are bit-identical (cuBLAS GEMMs and torch
+reductions are deterministic for a given shape on a given GPU model).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from soapflow import method
+
+# At most this many leaves hold device memory at once per process (a few blocks in float64
+# each), however many task threads read blocks for them.
+DEVICE_SLOTS = 4
+
+_local = threading.local()
+_slots: dict[str, threading.BoundedSemaphore] = {}
+_slots_lock = threading.Lock()
+
+
+def torch_device(device: str):
+    import torch
+
+    return torch.device("cpu" if device == "torch-cpu" else device)
+
+
+def tf32_allowed() -> bool:
+    """Whether float32 matmuls may run in TF32/bf16, where ``method.f32_bound`` does not hold."""
+    import torch
+
+    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def _slot(dev) -> threading.BoundedSemaphore:
+    with _slots_lock:
+        return _slots.setdefault(str(dev), threading.BoundedSemaphore(DEVICE_SLOTS))
+
+
+def _pinned(shape: tuple, dtype: np.dtype):
+    """This thread's pinned host buffer, grown to hold ``shape`` (allocating pinned memory is slow)."""
+    import torch
+
+    n = int(np.prod(shape))
+    buf = getattr(_local, "pinned", None)
+    if buf is None or buf.dtype != dtype or buf.size < n:
+        buf = torch.empty(n, dtype=getattr(torch, np.dtype(dtype).name), pin_memory=True).numpy()
+        _local.pinned = buf
+    return buf[:n].reshape(shape)
+
+
+def _stream(dev):
+    import torch
+
+    streams = getattr(_local, "streams", None)
+    if streams is None:
+        streams = _local.streams = {}
+    if dev not in streams:
+        streams[dev] = torch.cuda.Stream(dev)
+    return streams[dev]
+
+
+def read_block(tokens, start: int, stop: int, dev):
+    """Tokens ``[start, stop)`` as a tensor on ``dev`` in the store's dtype (a copy in flight on CUDA)."""
+    import torch
+
+    if dev.type != "cuda":
+        return torch.from_numpy(np.asarray(tokens[start:stop]))
+    from zarr.core.buffer import default_buffer_prototype
+
+    host = _pinned((stop - start, *tokens.shape[1:]), np.dtype(tokens.dtype))
+    tokens.get_basic_selection(slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(host))
+    return torch.from_numpy(host).to(dev, non_blocking=True)
+
+
+def first_bad(block, start: int) -> int | None:
+    import torch
+
+    finite = torch.isfinite(block).reshape(len(block), -1).all(dim=1)
+    return None if bool(finite.all()) else start + int(torch.argmin(finite.to(torch.uint8)))
+
+
+def _on_device(device: str, body):
+    """Run ``body(dev)`` on the thread's own CUDA stream holding a device slot (CPU: just run it)."""
+    import torch
+
+    dev = torch_device(device)
+    if dev.type != "cuda":
+        return body(dev)
+    with _slot(dev), torch.cuda.device(dev), torch.cuda.stream(_stream(dev)):
+        return body(dev)
+
+
+def leaf_moments(tokens, start: int, stop: int, device: str) -> tuple[method.Moments | None, int | None]:
+    """``(moments, None)`` of the block, or ``(None, first bad image)`` if it holds NaN/Inf."""
+    import torch
+
+    def body(dev):
+        block = read_block(tokens, start, stop, dev)
+        bad = first_bad(block, start)
+        if bad is not None:
+            return None, bad
+        z = block.reshape(-1, block.shape[-1]).to(torch.float64)
+        mean = z.mean(dim=0)
+        z -= mean
+        m2 = z.T @ z
+        return method.Moments(len(z), mean.cpu().numpy(), m2.cpu().numpy()), None
+
+    return _on_device(device, body)
+
+
+def leaf_counts(tokens, start: int, stop: int, mean: np.ndarray, components: np.ndarray, device: str,
+                checked: bool = False) -> tuple[np.ndarray | None, int | None]:
+    """``(activation counts (H, W, D) int64, None)``, or ``(None, first bad image)``."""
+
+    def body(dev):
+        block = read_block(tokens, start, stop, dev)
+        bad = None if checked else first_bad(block, start)
+        if bad is not None:
+            return None, bad
+        return activation_counts(block, mean, components, dev), None
+
+    return _on_device(device, body)
+
+
+def activation_counts(block, mean: np.ndarray, components: np.ndarray, dev) -> np.ndarray:
+    """``method.activation_counts`` in torch: the same exact decisions, computed on ``dev``."""
+    import torch
+
+    n, d = len(block), block.shape[-1]
+    z = block.reshape(-1, d)
+    mean64 = torch.from_numpy(np.ascontiguousarray(mean, np.float64)).to(dev)
+    comps64 = torch.from_numpy(np.ascontiguousarray(components, np.float64)).to(dev)
+    if z.dtype in (torch.float16, torch.float32) and not tf32_allowed():
+        a = z.to(torch.float32) - mean64.to(torch.float32)
+        projections = a @ comps64.to(torch.float32).T
+        bound = method.f32_bound(torch.linalg.vector_norm(a, dim=1), float(np.linalg.norm(mean)), d)
+    else:  # float64 tokens, or float32 GEMMs that may run in TF32: project in float64 (its bound holds)
+        a = z.to(torch.float64) - mean64
+        projections = a @ comps64.T
+        bound = method.f64_bound(torch.linalg.vector_norm(a, dim=1), d)
+    del a
+    signs = projections > 0
+    rows, cols = torch.nonzero(projections.abs_() <= bound[:, None], as_tuple=True)
+    del projections
+    if len(rows):
+        signs[rows, cols] = _recheck(z, rows, cols, mean64, comps64, mean, components)
+    return torch.count_nonzero(signs.reshape(n, -1), dim=0).reshape(block.shape[1:]).cpu().numpy()
+
+
+def _recheck(z, rows, cols, mean64, comps64, mean: np.ndarray, components: np.ndarray):
+    """Signs of the uncertain entries: float64 on the device, the rest exactly on the host."""
+    import torch
+
+    out = []
+    step = 1 << 16
+    for s in range(0, len(rows), step):
+        r, c = rows[s : s + step], cols[s : s + step]
+        a = z[r].to(torch.float64) - mean64
+        projections = (a * comps64[c]).sum(dim=1)
+        signs = projections > 0
+        uncertain = torch.nonzero(projections.abs() <= method.f64_bound(torch.linalg.vector_norm(a, dim=1), z.shape[1]))[:, 0]
+        if len(uncertain):
+            uc = c[uncertain].cpu().numpy()
+            exact = method.exact_signs(z[r[uncertain]].cpu().numpy(), mean, components[uc])
+            signs[uncertain] = torch.from_numpy(exact).to(signs.device)
+        out.append(signs)
+    return torch.cat(out)
