@@ -6,7 +6,7 @@ Prints wall times, their ratio (goal ≤ 1.3×) and the peak RSS of the `soap fi
 (goal ≤ 1.5 GB). The baseline holds all tokens in memory as float64 and is timed from
 there on (no I/O): mean, XᵀX, eigh, and the sign projections of real and synthetic tokens.
 
-    .venv/bin/python benchmarks/fit.py --scale [--n 8000] [--devices cpu,cuda]
+    .venv/bin/python benchmarks/fit.py --scale [--n 8000] [--devices cpu,cuda,load]
 
 For a many-core or GPU machine: ViT-B/16-shaped stores (14×14×768 float16, --n real + --n
 synthetic images), fitted in this process on a local cluster with 4 task threads (the fixed
@@ -14,6 +14,8 @@ count before the thread count followed the machine: the baseline), with the thre
 machine allows, and on CUDA where present (twice: the first pays CUDA's start-up). Prints
 each fit's time, each pass's GB/s of float16 tokens, the speed-up over the baseline, and how
 far each artifact is from the baseline's (goal: projector 1e-6, scores 1e-9, P and Q equal).
+`load` in --devices adds the all-core CPU fit beside a process doing what a CPU extraction does
+to the cores (torch GEMMs of ViT-B size on all of them): both slow-downs are printed.
 """
 
 from __future__ import annotations
@@ -105,6 +107,21 @@ def make_scale_store(uri: Path, count: int, grid: int, dim: int, chunk: int, see
     store.finalize()
 
 
+# A CPU extraction's forward as far as the cores see it: ViT-B-sized GEMMs on torch's threads.
+LOAD = """
+import sys, time, torch
+x, w = torch.randn(64 * 197, 768), torch.randn(3072, 768)
+while True:
+    torch.nn.functional.linear(x, w)
+    print(time.monotonic(), flush=True)
+"""
+
+
+def _rate(stamps: list[float], start: float, stop: float) -> float:
+    inside = [t for t in stamps if start <= t < stop]
+    return len(inside) / (stop - start) if stop > start else 0.0
+
+
 def scale(args) -> None:
     import torch
 
@@ -124,15 +141,33 @@ def scale(args) -> None:
     runs = [("cpu, 4 threads (baseline)", "cpu", 4), (f"cpu, {local_threads(LEAF_BYTES)} threads", "cpu", None)]
     if "cuda" in devices and torch.cuda.is_available():
         runs += [("cuda (first: CUDA start-up)", "cuda", None), ("cuda", "cuda", None)]
+    if "load" in devices:
+        runs.append((f"cpu, {local_threads(LEAF_BYTES)} threads + load", "load", None))
     runs = [r for r in runs if r[1] in devices]
     reference, base_time = None, None
     for label, device, threads in runs:
+        load = None
+        if device == "load":
+            import threading
+
+            device, stamps = "cpu", []
+            load = subprocess.Popen([sys.executable, "-c", LOAD], stdout=subprocess.PIPE, text=True)
+            reader = threading.Thread(target=lambda: stamps.extend(float(line) for line in load.stdout), daemon=True)
+            reader.start()
+            time.sleep(4)  # the load alone, for its rate
         with dask_client(threads=threads, thread_bytes=LEAF_BYTES) as client:
             nthreads = sum(client.nthreads().values())
             t = time.perf_counter()
+            t_mono = time.monotonic()
             fit, inputs = fit_stores(str(root / "real"), str(root / "synth"), client=client, device=device,
                                      progress=False)
             seconds = time.perf_counter() - t
+        if load is not None:
+            t_end = time.monotonic()
+            load.kill()
+            reader.join(2)
+            alone, beside = _rate(stamps, t_mono - 3, t_mono), _rate(stamps, t_mono, t_end)
+            label += f" (load: {beside / alone if alone else 0:.2f}× its rate alone)"
         base_time = base_time or seconds
         passes = "; ".join(f"{p.name} {p.seconds:5.1f} s {p.gb_per_s:5.2f} GB/s" for p in inputs.passes)
         print(f"{label:30s}: {seconds:6.1f} s ({nthreads} threads)  {base_time / seconds:5.2f}× the baseline  [{passes}]")
@@ -149,7 +184,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--scale", action="store_true", help="the many-core / GPU benchmark (see above)")
     ap.add_argument("--n", type=int, default=8000, help="--scale: images per store")
-    ap.add_argument("--devices", default="cpu,cuda", help="--scale: which fits to run")
+    ap.add_argument("--devices", default="cpu,cuda,load", help="--scale: which fits to run")
     ap.add_argument("--gb", type=float, default=2.0, help="size of the real store (float16)")
     ap.add_argument("--dim", type=int, default=384)
     ap.add_argument("--grid", type=int, default=16)

@@ -6,8 +6,9 @@ device is ``cuda``/``cuda:N`` (or ``torch-cpu``, the same code on CPU so that CI
 - activation counts as float32 projections with ``method.f32_bound``, the uncertain entries
   recomputed in float64 on the device with ``method.f64_bound``, and those still uncertain
   exactly on the host — so every decision is the exact sign, the same as the NumPy leaf's;
-- on CUDA, blocks are read by zarr straight into a pinned buffer of the task thread and
-  copied on that thread's own stream, so one thread's copy overlaps another's arithmetic.
+- on CUDA, every task thread reads its block (zarr, CPU) straight into its own pinned buffer,
+  then takes one of a few CUDA streams for the copy and the arithmetic, so reads, copies and
+  arithmetic of different blocks overlap.
 
 Each leaf returns host NumPy results, so the merge tree, the eigendecomposition and the
 artifact are the CPU fit's code; run to run they are bit-identical (cuBLAS GEMMs and torch
@@ -16,19 +17,23 @@ reductions are deterministic for a given shape on a given GPU model).
 
 from __future__ import annotations
 
+import contextlib
+import queue
 import threading
 
 import numpy as np
 
 from soapflow import method
 
-# At most this many leaves hold device memory at once per process (a few blocks in float64
-# each), however many task threads read blocks for them.
+# At most this many leaves compute on one device at once per process, each on its own CUDA
+# stream: device memory (a few blocks each, plus the allocator's cache per stream) stays
+# bounded however many task threads read blocks for them.
 DEVICE_SLOTS = 4
+RECHECK_ROWS = 1 << 14  # uncertain entries re-projected in float64 at a time: 2 × D float64 each
 
 _local = threading.local()
-_slots: dict[str, threading.BoundedSemaphore] = {}
-_slots_lock = threading.Lock()
+_streams: dict[str, queue.Queue] = {}
+_streams_lock = threading.Lock()
 
 
 def torch_device(device: str):
@@ -44,45 +49,47 @@ def tf32_allowed() -> bool:
     return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
 
 
-def _slot(dev) -> threading.BoundedSemaphore:
-    with _slots_lock:
-        return _slots.setdefault(str(dev), threading.BoundedSemaphore(DEVICE_SLOTS))
-
-
-def _pinned(shape: tuple, dtype: np.dtype):
-    """This thread's pinned host buffer, grown to hold ``shape`` (allocating pinned memory is slow)."""
+@contextlib.contextmanager
+def device_slot(dev):
+    """On CUDA: one of ``DEVICE_SLOTS`` streams of ``dev``, current while held, idle when given back."""
+    if dev.type != "cuda":
+        yield
+        return
     import torch
 
-    n = int(np.prod(shape))
-    buf = getattr(_local, "pinned", None)
-    if buf is None or buf.dtype != dtype or buf.size < n:
-        buf = torch.empty(n, dtype=getattr(torch, np.dtype(dtype).name), pin_memory=True).numpy()
-        _local.pinned = buf
-    return buf[:n].reshape(shape)
+    with _streams_lock:
+        if str(dev) not in _streams:
+            _streams[str(dev)] = queue.Queue()
+            for _ in range(DEVICE_SLOTS):
+                _streams[str(dev)].put(torch.cuda.Stream(dev))
+    pool = _streams[str(dev)]
+    stream = pool.get()
+    try:
+        with torch.cuda.device(dev), torch.cuda.stream(stream):
+            yield
+    finally:
+        stream.synchronize()  # nothing of this leaf (a copy from the thread's pinned buffer) still runs
+        pool.put(stream)
 
 
-def _stream(dev):
-    import torch
-
-    streams = getattr(_local, "streams", None)
-    if streams is None:
-        streams = _local.streams = {}
-    if dev not in streams:
-        streams[dev] = torch.cuda.Stream(dev)
-    return streams[dev]
-
-
-def read_block(tokens, start: int, stop: int, dev):
-    """Tokens ``[start, stop)`` as a tensor on ``dev`` in the store's dtype (a copy in flight on CUDA)."""
+def read_host(tokens, start: int, stop: int, dev):
+    """Tokens ``[start, stop)`` as a host tensor in the store's dtype; for CUDA in this thread's
+    pinned buffer (grown as needed: pinning memory is slow), which zarr reads straight into."""
     import torch
 
     if dev.type != "cuda":
         return torch.from_numpy(np.asarray(tokens[start:stop]))
     from zarr.core.buffer import default_buffer_prototype
 
-    host = _pinned((stop - start, *tokens.shape[1:]), np.dtype(tokens.dtype))
-    tokens.get_basic_selection(slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(host))
-    return torch.from_numpy(host).to(dev, non_blocking=True)
+    shape = (stop - start, *tokens.shape[1:])
+    n = int(np.prod(shape))
+    dtype = getattr(torch, np.dtype(tokens.dtype).name)
+    buf = getattr(_local, "pinned", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n:
+        buf = _local.pinned = torch.empty(n, dtype=dtype, pin_memory=True)
+    host = buf[:n].view(shape)
+    tokens.get_basic_selection(slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(host.numpy()))
+    return host
 
 
 def first_bad(block, start: int) -> int | None:
@@ -92,23 +99,14 @@ def first_bad(block, start: int) -> int | None:
     return None if bool(finite.all()) else start + int(torch.argmin(finite.to(torch.uint8)))
 
 
-def _on_device(device: str, body):
-    """Run ``body(dev)`` on the thread's own CUDA stream holding a device slot (CPU: just run it)."""
-    import torch
-
-    dev = torch_device(device)
-    if dev.type != "cuda":
-        return body(dev)
-    with _slot(dev), torch.cuda.device(dev), torch.cuda.stream(_stream(dev)):
-        return body(dev)
-
-
 def leaf_moments(tokens, start: int, stop: int, device: str) -> tuple[method.Moments | None, int | None]:
     """``(moments, None)`` of the block, or ``(None, first bad image)`` if it holds NaN/Inf."""
     import torch
 
-    def body(dev):
-        block = read_block(tokens, start, stop, dev)
+    dev = torch_device(device)
+    host = read_host(tokens, start, stop, dev)  # outside the slot: every task thread reads at once
+    with device_slot(dev):
+        block = host.to(dev, non_blocking=True)
         bad = first_bad(block, start)
         if bad is not None:
             return None, bad
@@ -118,21 +116,18 @@ def leaf_moments(tokens, start: int, stop: int, device: str) -> tuple[method.Mom
         m2 = z.T @ z
         return method.Moments(len(z), mean.cpu().numpy(), m2.cpu().numpy()), None
 
-    return _on_device(device, body)
-
 
 def leaf_counts(tokens, start: int, stop: int, mean: np.ndarray, components: np.ndarray, device: str,
                 checked: bool = False) -> tuple[np.ndarray | None, int | None]:
     """``(activation counts (H, W, D) int64, None)``, or ``(None, first bad image)``."""
-
-    def body(dev):
-        block = read_block(tokens, start, stop, dev)
+    dev = torch_device(device)
+    host = read_host(tokens, start, stop, dev)
+    with device_slot(dev):
+        block = host.to(dev, non_blocking=True)
         bad = None if checked else first_bad(block, start)
         if bad is not None:
             return None, bad
         return activation_counts(block, mean, components, dev), None
-
-    return _on_device(device, body)
 
 
 def activation_counts(block, mean: np.ndarray, components: np.ndarray, dev) -> np.ndarray:
@@ -165,7 +160,7 @@ def _recheck(z, rows, cols, mean64, comps64, mean: np.ndarray, components: np.nd
     import torch
 
     out = []
-    step = 1 << 16
+    step = RECHECK_ROWS
     for s in range(0, len(rows), step):
         r, c = rows[s : s + step], cols[s : s + step]
         a = z[r].to(torch.float64) - mean64

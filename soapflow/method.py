@@ -120,19 +120,26 @@ def _projection_signs_f32(z: np.ndarray, mean: np.ndarray, components: np.ndarra
     bound = f32_bound(np.linalg.norm(a, axis=1), float(np.linalg.norm(mean)), d)
     signs = projections > 0
     rows, cols = np.nonzero(np.abs(projections, out=projections) <= bound[:, None])
-    for start in range(0, len(rows), 1 << 14):  # uncertain entries: a small fraction
-        r, c = rows[start : start + (1 << 14)], cols[start : start + (1 << 14)]
-        signs[r, c] = recheck_signs(z[r], mean, components[c])
+    # uncertain entries (a small fraction), one component at a time: gathering a float64
+    # component row per entry would cost more than the float32 GEMM
+    order = np.argsort(cols, kind="stable")
+    edges = np.searchsorted(cols[order], np.arange(len(components) + 1))
+    for c in np.nonzero(np.diff(edges))[0]:
+        entries = order[edges[c] : edges[c + 1]]
+        signs[rows[entries], c] = recheck_signs(z[rows[entries]], mean, components[c])
     return signs
 
 
 def recheck_signs(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """Exact signs of ``(z_i − m)·v_i`` for paired rows: float64 where its bound decides, else exactly."""
+    """Exact signs of ``(z_i − m)·v_i`` for paired rows (or one component ``v`` for all):
+    float64 where its bound decides, else exactly."""
     a = np.subtract(z, mean, dtype=np.float64)
-    projections = np.einsum("ij,ij->i", a, components)
+    projections = a @ components if components.ndim == 1 else np.einsum("ij,ij->i", a, components)
     signs = projections > 0
     uncertain = np.nonzero(np.abs(projections) <= f64_bound(np.linalg.norm(a, axis=1), z.shape[1]))[0]
-    signs[uncertain] = exact_signs(z[uncertain], mean, components[uncertain])
+    if len(uncertain):
+        v = np.broadcast_to(components, z.shape) if components.ndim == 1 else components[uncertain]
+        signs[uncertain] = exact_signs(z[uncertain], mean, v[uncertain] if components.ndim == 1 else v)
     return signs
 
 

@@ -135,6 +135,7 @@ def test_exact_tier_decides_what_float64_cannot():
     mean = np.zeros(3)
     assert method.exact_signs(z, mean, np.repeat(v, 3, axis=0)).tolist() == [False, True, False]
     assert method.recheck_signs(z, mean, np.repeat(v, 3, axis=0)).tolist() == [False, True, False]
+    assert method.recheck_signs(z, mean, v[0]).tolist() == [False, True, False]  # one component for all rows
 
 
 # --- whole fits: torch leaves (the CUDA code) against NumPy leaves -----------------------------
