@@ -35,7 +35,13 @@ def machine() -> tuple[int, int]:
 
 def local_threads(thread_bytes: float = 0) -> int:
     """Task threads of a local cluster: ``$SOAPFLOW_FIT_THREADS``, else one per core as long as
-    each thread's ``thread_bytes`` of blocks in flight fit in ``MEMORY_FRACTION`` of free memory."""
+    each thread's ``thread_bytes`` of blocks in flight fit in ``MEMORY_FRACTION`` of free memory.
+
+    Within one refit the fit never meets the extraction (it starts on finalized stores). Beside
+    an extraction in another process the two share the cores as any two programs do: the fit's
+    threads run single-threaded BLAS, so it adds one runnable thread per core, and its memory
+    stays within the share of what was free when it started (``benchmarks/fit.py --scale``'s
+    ``load`` run prints both slow-downs)."""
     override = os.environ.get("SOAPFLOW_FIT_THREADS")
     if override:
         try:

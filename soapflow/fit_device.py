@@ -73,20 +73,18 @@ def device_slot(dev):
 
 
 def read_host(tokens, start: int, stop: int, dev):
-    """Tokens ``[start, stop)`` as a host tensor in the store's dtype; for CUDA in this thread's
-    pinned buffer (grown as needed: pinning memory is slow), which zarr reads straight into."""
+    """Tokens ``[start, stop)`` as a host tensor in the store's dtype, read by zarr straight into
+    this thread's buffer (grown as needed); for CUDA the buffer is pinned (pinning is slow)."""
     import torch
-
-    if dev.type != "cuda":
-        return torch.from_numpy(np.asarray(tokens[start:stop]))
     from zarr.core.buffer import default_buffer_prototype
 
     shape = (stop - start, *tokens.shape[1:])
     n = int(np.prod(shape))
     dtype = getattr(torch, np.dtype(tokens.dtype).name)
-    buf = getattr(_local, "pinned", None)
-    if buf is None or buf.dtype != dtype or buf.numel() < n:
-        buf = _local.pinned = torch.empty(n, dtype=dtype, pin_memory=True)
+    pin = dev.type == "cuda"
+    buf = getattr(_local, "buffer", None)
+    if buf is None or buf.dtype != dtype or buf.numel() < n or buf.is_pinned() != pin:
+        buf = _local.buffer = torch.empty(n, dtype=dtype, pin_memory=pin)
     host = buf[:n].view(shape)
     tokens.get_basic_selection(slice(start, stop), out=default_buffer_prototype().nd_buffer.from_numpy_array(host.numpy()))
     return host

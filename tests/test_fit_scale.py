@@ -154,6 +154,10 @@ def stores(tmp_path_factory):
     write_store(root / "synth", positional_tokens(50, seed=1, scale=0.3), chunk=16)
     write_store(root / "real16", positional_tokens(90, h=7, w=7, d=40, seed=2), chunk=11, dtype="float16")
     write_store(root / "synth16", positional_tokens(60, h=7, w=7, d=40, seed=3, scale=0.3), chunk=8, dtype="float16")
+    import zarr
+
+    foreign = zarr.open_group(str(root / "foreign"), mode="w")  # another tool's store: chunked in H too
+    foreign.create_array("tokens", data=positional_tokens(45, seed=4), chunks=(10, 2, 5, 12))
     return root
 
 
@@ -174,7 +178,7 @@ def _fit(client, root, real, synth, device, monkeypatch):
 
 
 @pytest.mark.parametrize("device", ["torch-cpu", pytest.param("cuda", marks=cuda)])
-@pytest.mark.parametrize("real, synth", [("real", "synth"), ("real16", "synth16")])
+@pytest.mark.parametrize("real, synth", [("real", "synth"), ("real16", "synth16"), ("foreign", "synth")])
 def test_device_fit_equals_cpu_fit(client, stores, monkeypatch, device, real, synth):
     cpu = _fit(client, stores, real, synth, "cpu", monkeypatch)
     other = _fit(client, stores, real, synth, device, monkeypatch)
