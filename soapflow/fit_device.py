@@ -42,11 +42,19 @@ def torch_device(device: str):
     return torch.device("cpu" if device == "torch-cpu" else device)
 
 
-def tf32_allowed() -> bool:
-    """Whether float32 matmuls may run in TF32/bf16, where ``method.f32_bound`` does not hold."""
+def tf32_allowed(dev) -> bool:
+    """Whether float32 matmuls on ``dev`` may run in TF32/bf16, where ``method.f32_bound`` does not hold."""
     import torch
 
-    return torch.get_float32_matmul_precision() != "highest" or bool(torch.backends.cuda.matmul.allow_tf32)
+    backend = torch.backends.cuda if dev.type == "cuda" else torch.backends.mkldnn
+    settings = [getattr(b, "fp32_precision", "none") for b in (torch.backends, backend, getattr(backend, "matmul", None))]
+    if any(s not in ("none", "ieee") for s in settings):  # torch ≥ 2.9's settings ("none": inherit)
+        return True
+    try:
+        legacy = torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:  # torch refuses to say when old and new settings were mixed
+        return True
+    return legacy or (dev.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32))
 
 
 @contextlib.contextmanager
@@ -136,7 +144,7 @@ def activation_counts(block, mean: np.ndarray, components: np.ndarray, dev) -> n
     z = block.reshape(-1, d)
     mean64 = torch.from_numpy(np.ascontiguousarray(mean, np.float64)).to(dev)
     comps64 = torch.from_numpy(np.ascontiguousarray(components, np.float64)).to(dev)
-    if z.dtype in (torch.float16, torch.float32) and not tf32_allowed():
+    if z.dtype in (torch.float16, torch.float32) and not tf32_allowed(dev):
         a = z.to(torch.float32) - mean64.to(torch.float32)
         projections = a @ comps64.to(torch.float32).T
         bound = method.f32_bound(torch.linalg.vector_norm(a, dim=1), float(np.linalg.norm(mean)), d)

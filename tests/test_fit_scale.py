@@ -127,6 +127,15 @@ def test_activation_decisions_are_the_exact_signs(dtype):
     np.testing.assert_array_equal(method.activation_counts(tokens, mean, components), expected)
     block = torch.from_numpy(tokens)
     np.testing.assert_array_equal(fit_device.activation_counts(block, mean, components, torch.device("cpu")), expected)
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")  # float32 GEMMs may use bf16: the leaf must project in float64
+    try:
+        assert fit_device.tf32_allowed(torch.device("cpu"))
+        np.testing.assert_array_equal(fit_device.activation_counts(block, mean, components, torch.device("cpu")),
+                                      expected)
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    assert not fit_device.tf32_allowed(torch.device("cpu"))
 
 
 def test_exact_tier_decides_what_float64_cannot():
