@@ -110,7 +110,7 @@ def make_scale_store(uri: Path, count: int, grid: int, dim: int, chunk: int, see
 # A CPU extraction's forward as far as the cores see it: ViT-B-sized GEMMs on torch's threads.
 LOAD = """
 import sys, time, torch
-x, w = torch.randn(64 * 197, 768), torch.randn(3072, 768)
+x, w = torch.randn(2048, 768), torch.randn(3072, 768)
 while True:
     torch.nn.functional.linear(x, w)
     print(time.monotonic(), flush=True)
@@ -154,6 +154,10 @@ def scale(args) -> None:
             load = subprocess.Popen([sys.executable, "-c", LOAD], stdout=subprocess.PIPE, text=True)
             reader = threading.Thread(target=lambda: stamps.extend(float(line) for line in load.stdout), daemon=True)
             reader.start()
+            deadline = time.monotonic() + 120
+            while not stamps and time.monotonic() < deadline:  # torch's import
+                time.sleep(0.1)
+            t_alone = time.monotonic()
             time.sleep(4)  # the load alone, for its rate
         with dask_client(threads=threads, thread_bytes=LEAF_BYTES) as client:
             nthreads = sum(client.nthreads().values())
@@ -166,7 +170,7 @@ def scale(args) -> None:
             t_end = time.monotonic()
             load.kill()
             reader.join(2)
-            alone, beside = _rate(stamps, t_mono - 3, t_mono), _rate(stamps, t_mono, t_end)
+            alone, beside = _rate(stamps, t_alone, t_mono), _rate(stamps, t_mono, t_end)
             label += f" (load: {beside / alone if alone else 0:.2f}× its rate alone)"
         base_time = base_time or seconds
         passes = "; ".join(f"{p.name} {p.seconds:5.1f} s {p.gb_per_s:5.2f} GB/s" for p in inputs.passes)
