@@ -158,7 +158,7 @@ def activation_counts(block, mean: np.ndarray, components: np.ndarray, dev) -> n
     del projections
     if len(rows):
         signs[rows, cols] = _recheck(z, rows, cols, mean64, comps64, mean, components)
-    return torch.count_nonzero(signs.reshape(n, -1), dim=0).reshape(block.shape[1:]).cpu().numpy()
+    return torch.count_nonzero(signs.reshape(n, -1), dim=0).reshape(*block.shape[1:-1], -1).cpu().numpy()
 
 
 def _recheck(z, rows, cols, mean64, comps64, mean: np.ndarray, components: np.ndarray):

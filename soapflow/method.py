@@ -73,7 +73,8 @@ def principal_components(m: Moments) -> tuple[np.ndarray, np.ndarray]:
 
 
 def activation_counts(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """``Σ_images 1[(z − m)·v_d > 0]`` per position and component: an int64 ``(H, W, D)`` array.
+    """``Σ_images 1[(z − m)·v_d > 0]`` per position and component: an int64 ``(H, W, K)`` array
+    for ``K`` components (unit rows; ``K = D`` in a fit, fewer to score chosen directions).
 
     Counts add up exactly, so response maps do not depend on chunking either. Each sign is
     the exact sign of ``(z − m)·v`` for the float64 ``m`` and ``v``: float16/float32 tokens are
@@ -92,7 +93,7 @@ def activation_counts(tokens: np.ndarray, mean: np.ndarray, components: np.ndarr
         signs = projections > 0
         rows, cols = np.nonzero(np.abs(projections, out=projections) <= f64_bound(np.linalg.norm(a, axis=1), z.shape[1])[:, None])
         signs[rows, cols] = exact_signs(z[rows], mean, components[cols])
-    return np.count_nonzero(signs.reshape(tokens.shape), axis=0).astype(np.int64)
+    return np.count_nonzero(signs.reshape(*tokens.shape[:-1], -1), axis=0).astype(np.int64)
 
 
 # Rounding error of a dot product of length D, in any summation order (so any BLAS, any GPU),
