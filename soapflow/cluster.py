@@ -59,16 +59,17 @@ def local_threads(thread_bytes: float = 0) -> int:
 
 @contextlib.contextmanager
 def dask_client(address: str | None = None, workers: int = 1, processes: bool = False, *,
-                threads: int | None = None, thread_bytes: float = 0):
+                threads: int | None = None, thread_bytes: float | None = None):
     """Yield a ``distributed.Client``.
 
     The local default is one worker in this process with ``local_threads(thread_bytes)``
     task threads (one per core, fewer where memory is short) and single-threaded BLAS while
     the cluster runs: the casts, subtractions and reads between GEMMs then keep every core
     busy too, which multi-threaded BLAS on fewer task threads does not. Memory is
-    ``thread_bytes`` per thread, whatever the store's size. BLAS results do not depend on its
-    thread count, so neither does the artifact. Pass ``workers``/``processes`` for a wider
-    local cluster (one task thread per worker process), or ``address`` to use a running one.
+    ``thread_bytes`` per thread (default: a fit leaf's, ``soapflow.fit.LEAF_BYTES``), whatever
+    the store's size. BLAS results do not depend on its thread count, so neither does the
+    artifact. Pass ``workers``/``processes`` for a wider local cluster (one task thread per
+    worker process), or ``address`` to use a running one.
     """
     from distributed import Client, LocalCluster
 
@@ -81,6 +82,8 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
     from threadpoolctl import threadpool_limits
 
     if threads is None:
+        if thread_bytes is None:
+            from soapflow.fit import LEAF_BYTES as thread_bytes
         threads = 1 if processes else local_threads(thread_bytes)
     blas = 1 if threads > 1 else None  # None: leave BLAS its own threads
     with threadpool_limits(limits=blas, user_api="blas"), LocalCluster(

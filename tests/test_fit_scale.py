@@ -50,7 +50,7 @@ def test_local_cluster_runs_the_threads_the_machine_allows(monkeypatch):
     assert cores == len(os.sched_getaffinity(0)) or cores < len(os.sched_getaffinity(0))  # a cgroup quota may cut it
     expected = bounded_count(cores, available, LEAF_BYTES)
     assert local_threads(LEAF_BYTES) == expected
-    with dask_client(thread_bytes=LEAF_BYTES) as client:
+    with dask_client() as client:  # a fit leaf's memory by default
         assert list(client.nthreads().values()) == [expected]
     monkeypatch.setenv("SOAPFLOW_FIT_THREADS", "3")
     with dask_client(thread_bytes=LEAF_BYTES) as client:
