@@ -36,8 +36,9 @@ BLOCK_BYTES = 32 * 2**20
 
 
 # What one task thread holds at its peak: the block, its float64 (moments) or float32 copy and
-# projections (counts). A local cluster runs as many threads as fit this in memory.
-LEAF_BYTES = 6 * BLOCK_BYTES
+# projections (counts), zarr's chunk buffers, and its malloc arena's slack (measured by
+# tests/test_fit_scale.py). A local cluster runs as many threads as fit this in memory.
+LEAF_BYTES = 8 * BLOCK_BYTES
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 
