@@ -116,7 +116,8 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
                "final_norm": bb.final_norm_at()}
     real_extracted, synth_extracted = real_done.result(), synth_done.result()  # (an extraction's own error)
     fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, config.fit,
-                                 dask_address=run.dask_address, extra_manifest={"lineage": lineage}).result()
+                                 dask_address=run.dask_address, extra_manifest={"lineage": lineage},
+                                 device=spec.device).result()
     result = {
         "artifact": fitted.path,
         "content_hash": fitted.content_hash,

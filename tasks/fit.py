@@ -11,14 +11,14 @@ from soapflow.results import FitResult
 
 @task(name="fit-soap", cache_policy=NO_CACHE)
 def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitParams, *, dask_address: str | None = None,
-                 extra_manifest: dict | None = None) -> FitResult:
+                 extra_manifest: dict | None = None, device: str | None = None) -> FitResult:
     """Fit and write the artifact; returns its path, manifest and the top SI components."""
     import numpy as np
 
     from soapflow.fit import fit_to_artifact
 
-    path, fit, manifest = fit_to_artifact(real_uri, synth_uri, out_dir, params, cluster=dask_address, overwrite=True,
-                                          extra_manifest=extra_manifest)
+    path, fit, manifest = fit_to_artifact(real_uri, synth_uri, out_dir, params, cluster=dask_address, device=device,
+                                          overwrite=True, extra_manifest=extra_manifest)
     order = np.argsort(-fit.scores, kind="stable")[:8]
     explained = fit.explained_variance
     top = [{"rank": int(d), "si_score": round(float(fit.scores[d]), 4), "weight": round(float(fit.weights[d]), 4),
