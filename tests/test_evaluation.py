@@ -16,7 +16,7 @@ from soapflow.evaluation import metrics as M
 from soapflow.evaluation.datasets import detect_layout, open_eval_data
 from soapflow.evaluation.stats import bootstrap_counts, paired_bootstrap, paired_bootstrap_mean
 from soapflow.evaluation.tokencut import _second_eigvec, ncut, refine_mask, soft_map, upsample_mask
-from storehelp import write_store
+
 
 # ------------------------------------------------------------------------------ TokenCut
 
@@ -332,20 +332,9 @@ def test_fashion_mnist_eval_data():
 def tiny_artifact(tmp_path_factory):
     """A SOAP artifact for a random tiny ViT at 64 px (4×4 grid), fitted on 40 Fashion-MNIST
     train images and 40 mixture-noise images."""
-    from soapflow.backbones import load_backbone
-    from soapflow.fit import fit_to_artifact
-    from soapflow.sources import open_source
+    from storehelp import tiny_vit_artifact
 
-    root = tmp_path_factory.mktemp("art")
-    bb = load_backbone("vit_tiny_patch16_224", weights="random", layer=5, image_size=64)
-    attrs = dict(backbone=bb.name, weights=bb.weights_sha256, layer=bb.layer, feature="out", image_size=64)
-    for name, spec in (("real", "fashion-mnist:train"), ("synth", "noise:mixture")):
-        src = open_source(spec, n=40)
-        write_store(str(root / name), bb.tokens(src.batch(range(40), 64, bb.mean, bb.std)).numpy(), chunk=16,
-                    attrs=attrs)
-    path, _, _ = fit_to_artifact(str(root / "real"), str(root / "synth"), str(root / "artifact"), plots=False,
-                                 progress=False)
-    return str(path)
+    return tiny_vit_artifact(str(tmp_path_factory.mktemp("art")), layer=5, image_size=64, n=40, chunk=16)
 
 
 def _check_report(rep, evaluation, metrics, n):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from storehelp import positional_tokens, write_store
+from storehelp import positional_tokens, tiny_vit_artifact, write_store
 
 MANIFEST = {"backbone": "dinov2_vits14", "layer": 11, "feature": "out", "n_real_images": 50,
             "n_synth_images": 40, "threshold": 0.75}
@@ -190,20 +190,10 @@ def test_eval_tables_mark_significance_unchanged_and_the_resolved_version():
 
 def test_soap_eval_prints_the_version_the_alias_resolved_to(tmp_path):
     """Through the CLI: --head NAME@latest on a registry says which version was evaluated."""
-    from soapflow.backbones import load_backbone
     from soapflow.cli.main import app
-    from soapflow.fit import fit_to_artifact
-    from soapflow.sources import open_source
     from storage.registry import Registry
 
-    bb = load_backbone("vit_tiny_patch16_224", weights="random", layer=2, image_size=32)
-    attrs = dict(backbone=bb.name, weights=bb.weights_sha256, layer=bb.layer, feature="out", image_size=32)
-    for name, spec in (("real", "fashion-mnist:train"), ("synth", "noise:mixture")):
-        src = open_source(spec, n=16)
-        write_store(str(tmp_path / name), bb.tokens(src.batch(range(16), 32, bb.mean, bb.std)).numpy(), chunk=8,
-                    attrs=attrs)
-    path, _, _ = fit_to_artifact(str(tmp_path / "real"), str(tmp_path / "synth"), str(tmp_path / "art"),
-                                 plots=False, progress=False)
+    path = tiny_vit_artifact(str(tmp_path), layer=2, image_size=32, n=16, chunk=8)
     reg = Registry(str(tmp_path / "registry"))
     pub = reg.publish(path, name="tiny/2")
     out = tmp_path / "cls.json"
