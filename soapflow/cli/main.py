@@ -6,6 +6,8 @@ import atexit
 import os
 import sys
 
+from typing import Annotated
+
 import typer
 
 # Ephemeral Prefect servers would try to send usage telemetry; there is often no internet
@@ -20,11 +22,23 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no boxes, no "<bool>" after flags
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from soapflow import __version__
+
+        typer.echo(f"soapflow {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """SOAP: find and remove non-semantic directions in ViT patch tokens."""
 
 
@@ -49,12 +63,31 @@ _register()
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C stops the work at
+    its next chunk (``soapflow.cancel``), says how to resume and exits 130."""
+    from soapflow import cancel
+
     try:
-        app()
-    except SoapError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        with cancel.sigint_handler():
+            app()
+    except SystemExit as exc:
+        if cancel.requested() and exc.code not in (0, None):  # click's "Aborted!" after a second Ctrl-C
+            _interrupted()
+        raise
+    except BaseException as exc:
+        if cancel.requested() or isinstance(exc, (KeyboardInterrupt, cancel.Interrupted)):
+            _interrupted()
+        if isinstance(exc, SoapError):
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        raise
+
+
+def _interrupted() -> None:
+    from soapflow.cancel import RESUME_HINT
+
+    typer.secho(RESUME_HINT, fg=typer.colors.YELLOW, err=True)
+    sys.exit(130)
 
 
 def _exit_without_teardown(status: list[int]) -> None:
