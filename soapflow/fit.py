@@ -271,8 +271,8 @@ def fit_warnings(fit: method.SoapFit, manifest: dict) -> list[str]:
         ranks = ", ".join(f"rank {int(r)} (SI {fit.scores[r]:.3f})" for r in low[:5])
         above = int(np.count_nonzero(fit.scores > fit.threshold))
         out.append(f"μ = {fit.mu:g} suppresses {len(low)} component(s) with SI below the threshold "
-                   f"{fit.threshold:g}: {ranks}; they may carry semantics. --mu auto suppresses only the "
-                   f"{above} above it")
+                   f"{fit.threshold:g}: {ranks}; they may carry semantics. --mu auto suppresses only those above "
+                   f"it (here {above or 'none'})")
     return out
 
 

@@ -102,9 +102,11 @@ def load_inputs(backbone: str, weights: str | None, layer: int, feature: str, im
     """Load the backbone (cached for the run) and open the real source; raise on bad input."""
     from soapflow.extract import cached_backbone, cached_source
 
+    src = cached_source(data, n, seed)  # (a scan: cheaper than the model, so first)
     check_bundled_weights(backbone, weights)
     bb = cached_backbone(backbone, weights, layer, feature, image_size, device)
-    src = cached_source(data, n, seed)
+    if len(src) == 0:
+        raise SoapError(f"source {src.spec} has no usable images ({len(src.skipped)} skipped)")
     notes = []
     if n is not None and len(src) < n:
         notes.append(f"{n_flag} {n}: {data} has only {len(src)} usable images; using {len(src)}")
