@@ -19,6 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from soapflow import cancel
 from soapflow.extract import DEFAULT_CHUNK, default_device
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
@@ -179,6 +180,11 @@ def refit(
     from prefect.runtime import flow_run
 
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+    for shard in (*real_futures, *synth_futures):
+        # a failed extraction's own error (bad input, Ctrl-C): finalizing after it would only say
+        # "upstream task did not complete"
+        shard.result()
+    cancel.check()  # Ctrl-C between stages: the stores are complete, the fit has not started
     fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
                                  gamma=gamma, threshold=threshold, dask_address=dask_address,
                                  extra_manifest={"lineage": lineage}).result()
@@ -195,6 +201,7 @@ def refit(
         "warnings": fitted.get("warnings", []),
         "replaced": previous if previous not in (None, fitted["manifest"]["content_hash"]) else None,
     }
+    cancel.check()  # Ctrl-C during the fit: the artifact is written, nothing is published
     if publish:
         published = publish_artifact.submit(fitted["path"], registry, name, lineage, storage_options).result()
         result["ref"] = published["ref"]

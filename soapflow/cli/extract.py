@@ -48,9 +48,12 @@ def extract(
     console = Console(soft_wrap=True)
     for note in loaded.notes:
         console.print(f"note: {note}")
-    store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
-                               image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                               num_workers=workers, compress=compress, storage_options=storage_options)
+    from soapflow import cancel
+
+    with cancel.deferred():  # Ctrl-C: finish the chunks being written, then stop
+        store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
+                                   image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
+                                   num_workers=workers, compress=compress, storage_options=storage_options)
     attrs = store.attrs
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
     console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs})")
@@ -127,6 +130,7 @@ def refit(
 
     from flows.refit import quick_local_run
     from flows.refit import refit as refit_flow
+    from soapflow import cancel
     from soapflow.extract import TIMINGS, ExtractStats
 
     device = opt.resolve_device(device)
@@ -140,11 +144,13 @@ def refit(
     with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed) as loaded:
         for note in loaded.notes:
             console.print(f"note: {note}")
-        result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
-                      n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
-                      gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
-                      num_workers=workers, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
-                      evaluate_after=evaluations, dask_address=dask_address, storage_options=storage_options)
+        with cancel.deferred():  # Ctrl-C: the extraction threads stop at their next chunk
+            result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
+                          n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value,
+                          tau=tau, gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
+                          num_workers=workers, workdir=workdir, out=out, registry=registry, name=name,
+                          publish=publish, evaluate_after=evaluations, dask_address=dask_address,
+                          storage_options=storage_options)
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
         table.add_column(col, justify="right")
