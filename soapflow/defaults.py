@@ -7,7 +7,7 @@ DEFAULT_DATA = "photos"  # bundled offline, unlike Fashion-MNIST (a Debian packa
 DEFAULT_GENERATOR = "mixture"  # the paper's default synthetic set
 DEFAULT_DTYPE = "float16"
 
-# SPEC §1: μ = 2 components, τ = 0.05, γ = 1, SI threshold 0.75 for μ = auto
+# docs/method.md §1: μ = 2 components, τ = 0.05, γ = 1, SI threshold 0.75 for μ = auto
 DEFAULT_MU = 2.0
 DEFAULT_TAU = 0.05
 DEFAULT_GAMMA = 1.0

@@ -64,6 +64,7 @@ def _assert_interrupted(result, seconds, limit):
     assert result.returncode == 130, (result.returncode, err[-3000:])
     assert "Traceback" not in err and "Crash detected" not in err, err[-3000:]
     assert stderr_lines(err)[-1] == "interrupted: rerun the same command to resume", stderr_lines(err)[-5:]
+    print(f"stopped {seconds:.1f} s after SIGINT")
     assert seconds < limit, f"took {seconds:.1f} s to stop after SIGINT"
 
 

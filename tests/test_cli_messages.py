@@ -22,7 +22,7 @@ def runs(tmp_path_factory):
     first = soap("refit", *common, "--n-real", 12, timeout=600)
     second = soap("refit", *common, "--mu", "auto", timeout=600)
     third = soap("refit", *common, "--mu", "auto", timeout=600)  # the same content again
-    return folder, first, second, third
+    return folder, first, second, third, root
 
 
 def _artifact(result) -> str:
@@ -30,20 +30,22 @@ def _artifact(result) -> str:
 
 
 def test_fewer_images_than_asked_for_is_said(runs):
-    folder, first, _, _ = runs
+    folder, first, _, _, _ = runs
     assert first.returncode == 0, first.stderr[-3000:]
     assert f"note: --n-real 12: {folder} has only 10 usable images; using 10" in first.stdout, first.stdout
 
 
 def test_a_fit_on_very_few_images_warns(runs):
-    _, first, second, _ = runs
+    _, first, second, _, _ = runs
     for result in (first, second):
         assert "warning: fit on only 10 real and 10 synthetic images" in result.stdout, result.stdout
 
 
 def test_fixed_mu_below_the_threshold_points_to_mu_auto(runs):
-    _, first, second, _ = runs
-    manifest = read_manifest(_artifact(first))
+    _, first, second, _, root = runs
+    from storage.registry import Registry
+
+    manifest = Registry(root / "registry").record("vit_tiny_patch16_224/11:1")["manifest"]  # the first refit's
     assert manifest["mu_mode"] == "fixed" and manifest["n_suppressed"] == 2
     # a random ViT has nothing above 0.75: μ = 2 suppresses two components below it anyway
     line = next(line for line in first.stdout.splitlines() if line.startswith("warning: μ = 2"))
@@ -52,7 +54,7 @@ def test_fixed_mu_below_the_threshold_points_to_mu_auto(runs):
 
 
 def test_a_replaced_artifact_is_said_and_stays_in_the_registry(runs):
-    _, first, second, third = runs
+    _, first, second, third, _ = runs
     assert _artifact(first) == _artifact(second)  # one directory per backbone/layer in the work dir
     old = read_manifest(_artifact(first))  # (now the second's)
     first_hash = re.search(r"registry: (\S+)", first.stdout).group(1)

@@ -164,7 +164,7 @@ def _cases(root: Path, f, w, s, a) -> list[dict]:
     case("unknown noise generator", ext("--source", "noise:nope", "--n", 4, "--out", out("nope")), "nope")
     case("bad noise parameter", ext("--source", "noise:pink?alpha", "--n", 4, "--out", out("nope2")), "alpha")
     case("noise without --n", ext("--source", "noise:pink", "--out", out("non")), "needs n")
-    case("--n 0", ext("--source", "noise:pink", "--n", 0, "--out", out("n0")), "n must be a positive integer")
+    case("--n 0", ext("--source", "noise:pink", "--n", 0, "--out", out("n0")), "--n must be ≥ 1, got 0")
     # backbones
     case("unknown backbone name", ["extract", "--backbone", "vit_nonexistent_9000", "--weights", "random",
                                    "--source", "noise:pink", "--n", 4, "--out", out("bb")], "vit_nonexistent_9000")
@@ -190,7 +190,7 @@ def _cases(root: Path, f, w, s, a) -> list[dict]:
                                                         "noise:pink", "--n", 4, "--out", out("is30")],
          "not a multiple of", "patch size 16")
     case("image size 0", ["extract", "--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", 0,
-                          "--source", "noise:pink", "--n", 4, "--out", out("is0")], "image_size must be a positive")
+                          "--source", "noise:pink", "--n", 4, "--out", out("is0")], "--image-size must be ≥ 1, got 0")
     case("unknown feature", ext("--feature", "xyz", "--source", "noise:pink", "--n", 4, "--out", out("feat")),
          "unknown feature")
     case("CUDA device on a machine without one", ext("--device", "cuda", "--source", "noise:pink", "--n", 4,
