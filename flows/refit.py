@@ -147,8 +147,9 @@ def refit(
     """Refit SOAP for one backbone/layer on real images and synthetic noise.
 
     The artifact is published to ``registry`` (default: ``$SOAPFLOW_REGISTRY`` or the
-    per-user registry; ``storage_options`` for an ``s3://`` one) unless ``publish`` is false. ``evaluate_after`` (e.g. ``["knn-seg"]``)
-    runs the ``evaluate`` flow on the published version, which records its results there.
+    per-user registry; ``storage_options`` for an ``s3://`` one) unless ``publish`` is false.
+    ``evaluate_after`` (e.g. ``["knn-seg"]``) runs the ``evaluate`` flow on the published version,
+    which records its results there.
     """
     from soapflow.extract import cached_backbone
 

@@ -18,10 +18,12 @@ TINY = ["--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-si
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("messages")
     folder = make_images(root / "images", 10)
-    common = [*TINY, "--data", folder, "--workdir", root / "work", "--registry", root / "registry"]
+    # threshold 0.99: no component of a random ViT reaches it, so what μ suppresses is below it
+    common = [*TINY, "--data", folder, "--workdir", root / "work", "--registry", root / "registry",
+              "--threshold", "0.99"]
     first = soap("refit", *common, "--n-real", 12, timeout=600)
-    second = soap("refit", *common, "--mu", "auto", timeout=600)
-    third = soap("refit", *common, "--mu", "auto", timeout=600)  # the same content again
+    second = soap("refit", *common, "--mu", 1, timeout=600)
+    third = soap("refit", *common, "--mu", "auto", timeout=600)  # μ = 0: suppresses nothing
     return folder, first, second, third, root
 
 
@@ -42,23 +44,24 @@ def test_a_fit_on_very_few_images_warns(runs):
 
 
 def test_fixed_mu_below_the_threshold_points_to_mu_auto(runs):
-    _, first, second, _, root = runs
+    _, first, second, third, root = runs
     from storage.registry import Registry
 
     manifest = Registry(root / "registry").record("vit_tiny_patch16_224/11:1")["manifest"]  # the first refit's
     assert manifest["mu_mode"] == "fixed" and manifest["n_suppressed"] == 2
-    # a random ViT has nothing above 0.75: μ = 2 suppresses two components below it anyway
     line = next(line for line in first.stdout.splitlines() if line.startswith("warning: μ = 2"))
-    assert "suppresses 2 component(s) with SI below the threshold 0.75" in line and "--mu auto" in line, line
-    assert "warning: μ" not in second.stdout  # --mu auto suppresses only what is above
+    assert "suppresses 2 component(s) with SI below the threshold 0.99" in line and "--mu auto" in line, line
+    assert "warning: μ = 1 suppresses 1 component(s)" in second.stdout, second.stdout
+    assert "warning: μ" not in third.stdout and "components suppressed: 0" in third.stdout  # auto: none above
 
 
 def test_a_replaced_artifact_is_said_and_stays_in_the_registry(runs):
     _, first, second, third, _ = runs
-    assert _artifact(first) == _artifact(second)  # one directory per backbone/layer in the work dir
-    old = read_manifest(_artifact(first))  # (now the second's)
-    first_hash = re.search(r"registry: (\S+)", first.stdout).group(1)
-    assert "replaced the previous artifact there, sha256 " in second.stdout, second.stdout
-    assert "replaced" not in first.stdout and "replaced" not in third.stdout  # nothing different was there
-    assert old["mu_mode"] == "auto"
-    assert first_hash.endswith(":1") and "registry: vit_tiny_patch16_224/11:2" in second.stdout
+    assert _artifact(first) == _artifact(second) == _artifact(third)  # one directory per backbone/layer
+    assert "replaced" not in first.stdout  # nothing was there
+    for result in (second, third):
+        assert "replaced the previous artifact there, sha256 " in result.stdout, result.stdout
+    assert read_manifest(_artifact(third))["mu_mode"] == "auto"
+    # every version stays in the registry
+    for k, result in enumerate((first, second, third), 1):
+        assert f"registry: vit_tiny_patch16_224/11:{k}" in result.stdout, result.stdout
