@@ -41,7 +41,9 @@ def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, 
     key = json.dumps({"spec": spec, "source": source, "n": n, "seed": seed, "chunk": chunk, "dtype": dtype},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{_slug(source)}-{digest}")
+    norm = "-norm" if spec.get("final_norm") is True else ""
+    return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}{norm}"
+               / f"{_slug(source)}-{digest}")
 
 
 def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress):
@@ -52,15 +54,17 @@ def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, prog
 
 
 def backbone_spec(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                  device: str | None) -> dict:
+                  device: str | None, final_norm: str | bool = "auto") -> dict:
     """The ``cached_backbone`` arguments of a refit (the same dict, so the same cached model)."""
+    from soapflow.backbones import parse_final_norm
+
     return {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
-            "device": device or default_device()}
+            "device": device or default_device(), "final_norm": parse_final_norm(final_norm)}
 
 
 @contextlib.contextmanager
 def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                    device: str | None, data: str, n_real: int | None, seed: int):
+                    device: str | None, data: str, n_real: int | None, seed: int, final_norm: str | bool = "auto"):
     """Around a one-off ``refit`` call (``soap refit``): loads the model and opens the real source
     (raising on bad input before any flow starts) and yields ``soapflow.preflight.Loaded``.
 
@@ -84,7 +88,7 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
         server.start()
     try:
         loaded = preflight.load_inputs(backbone, weights, layer, feature, image_size, device or default_device(),
-                                       data, n_real, seed)
+                                       data, n_real, seed, final_norm=final_norm)
     except BaseException:
         if server is not None:
             server.stop()
@@ -117,6 +121,7 @@ def refit(
     weights: str | None = None,
     layer: int = -1,
     feature: str = "out",
+    final_norm: str | bool = "auto",
     data: str = "photos",
     n_real: int | None = None,
     n_synth: int | None = None,
@@ -148,8 +153,9 @@ def refit(
 
     The artifact is published to ``registry`` (default: ``$SOAPFLOW_REGISTRY`` or the
     per-user registry; ``storage_options`` for an ``s3://`` one) unless ``publish`` is false.
-    ``evaluate_after`` (e.g. ``["knn-seg"]``) runs the ``evaluate`` flow on the published version,
-    which records its results there.
+    ``final_norm`` (auto / on / off): whether the tokens pass through the model's final norm (auto:
+    at the last block only, as the authors fit). ``evaluate_after`` (e.g. ``["knn-seg"]``) runs the
+    ``evaluate`` flow on the published version, which records its results there.
     """
     from soapflow.extract import cached_backbone
 
@@ -158,13 +164,13 @@ def refit(
     check_parameters(data=data, weights=weights, n_real=n_real, n_synth=n_synth, image_size=image_size, mu=mu, tau=tau,
                      gamma=gamma, threshold=threshold, chunk=chunk, shards=shards)
     work = Path(workdir) if workdir else default_workdir()
-    spec = backbone_spec(backbone, weights, layer, feature, image_size, device)
+    spec = backbone_spec(backbone, weights, layer, feature, image_size, device, final_norm)
     bb = cached_backbone(**spec)  # fail fast on a bad name/weights/layer, before any task runs
-    # Stores are named by the resolved block index (the same store whether given as -1 or 11);
-    # tasks get the spec as given, so they hit the model already cached in this process.
-    named = {**spec, "layer": bb.layer}
-    logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
-                spec["device"])
+    # Stores are named by the resolved block index and final norm (the same store whether given as
+    # -1 or 11, auto or on); tasks get the spec as given, so they hit the model already cached here.
+    named = {**spec, "layer": bb.layer, "final_norm": bb.final_norm_at()}
+    logger.info("backbone %s layer %d (%s, %s the final norm) grid %s dim %d on %s", bb.name, bb.layer, bb.feature,
+                "after" if bb.final_norm_at() else "before", bb.grid, bb.dim, spec["device"])
 
     real_uri = store_uri(work, named, data, n_real, seed, chunk, dtype)
     real_plan, real_futures = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
@@ -180,7 +186,8 @@ def refit(
     previous = _artifact_hash(artifact_dir)
     from prefect.runtime import flow_run
 
-    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name,
+               "final_norm": bb.final_norm_at()}
     for shard in (*real_futures, *synth_futures):
         # a failed extraction's own error (bad input, Ctrl-C): finalizing after it would only say
         # "upstream task did not complete"
@@ -194,6 +201,7 @@ def refit(
         "content_hash": fitted["manifest"]["content_hash"],
         "n_suppressed": fitted["manifest"]["n_suppressed"],
         "mu": fitted["manifest"]["mu"],
+        "final_norm": fitted["manifest"].get("final_norm", False),
         "top": fitted["top"],
         "stores": {"real": real_uri, "synthetic": synth_uri},
         "extraction": {"real": real_done.result(), "synthetic": synth_done.result()},
@@ -215,6 +223,9 @@ def refit(
             result["evaluation"] = evaluate(head_ref=published["ref"], evaluations=list(evaluate_after),
                                             dataset=eval_dataset, n=eval_n, registry=published["registry"],
                                             weights=weights, device=spec["device"], progress=False)
+    from storage.html_report import refit_report
+
+    result["report"] = str(refit_report(result["artifact"], result.get("registry"), result["ref"]))
     _publish_prefect_artifacts(result, bb)
     return result
 
@@ -272,13 +283,15 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_table_artifact(table=result["top"], key="soap-top-si-scores",
                           description=f"Top SI scores, {bb.name} layer {bb.layer}")
     lines = [
-        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature})",
+        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature}, "
+        f"{'after' if result.get('final_norm') else 'before'} the final norm)",
         "",
         f"- components suppressed: **{result['n_suppressed']}** (μ = {result['mu']:g})",
         f"- artifact: `{result['artifact']}` (sha256 `{result['content_hash'][:16]}…`)",
         f"- real store: `{result['stores']['real']}`",
         f"- synthetic store: `{result['stores']['synthetic']}`",
         f"- skipped real images: {result['skipped_images']}",
+        f"- HTML report: `{result['report']}`",
     ]
     if result.get("ref"):
         lines.append(f"- registry: `{result['ref']}`")
@@ -288,6 +301,8 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_markdown_artifact(markdown="\n".join(lines), key="soap-refit-summary")
     create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
                          key="soap-artifact")
+    create_link_artifact(link=Path(result["report"]).resolve().as_uri(), link_text="SOAP report (HTML)",
+                         key="soap-report")
     for kind, uri in result["stores"].items():
         link = Path(uri).resolve().as_uri() if "://" not in uri else uri
         create_link_artifact(link=link, link_text=f"{kind} feature store", key=f"soap-{kind}-store")

@@ -33,18 +33,23 @@ _DEVICE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
 _BACKBONE_LOCK = threading.Lock()
 
 
-def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str):
+def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str,
+                    final_norm: str | bool = "auto"):
     """One loaded model per process and configuration: mapped tasks reuse it. Tasks running
     at once in threads wait for one load instead of each loading (and holding) a copy."""
+    from soapflow.backbones import parse_final_norm
+
+    final_norm = parse_final_norm(final_norm)
     with _BACKBONE_LOCK:
-        return _cached_backbone(name, weights, layer, feature, image_size, device)
+        return _cached_backbone(name, weights, layer, feature, image_size, device, final_norm)
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name, weights, layer, feature, image_size, device):
+def _cached_backbone(name, weights, layer, feature, image_size, device, final_norm):
     from soapflow.backbones import load_backbone
 
-    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
+    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device,
+                         final_norm=final_norm)
 
 
 @lru_cache(maxsize=16)
@@ -66,7 +71,7 @@ def store_attributes(backbone, source, dtype: str) -> dict:
     from soapflow import __version__
 
     return {
-        **backbone.info(),  # backbone, layer, feature, image_size, grid, dim, mean, std, …
+        **backbone.info(),  # backbone, layer, feature, final_norm, image_size, grid, dim, mean, std, …
         "weights": backbone.weights_sha256,
         "source": {"spec": source.spec, "kind": source.kind, **source.fingerprint},
         "fingerprint": source_fingerprint(source),
@@ -239,7 +244,7 @@ def _read_ahead(items):
     """Iterate ``items`` one item ahead, in a thread of its own: the next item is being made
     while the caller works on this one. (On CUDA the two threads share the default stream, so
     the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL. DataLoader
-    workers are forked from a plain thread all the same: see ``sources._start_workers``.)"""
+    workers are forked from a plain thread all the same: see ``sources.loader._start_workers``.)"""
     it = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
         upcoming = pool.submit(next, it, _END)
@@ -312,10 +317,11 @@ def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | No
             feature: str = "out", n: int | None = None, image_size: int | None = None,
             chunk: int = DEFAULT_CHUNK, seed: int = 0, dtype: str = "float16", device: str | None = None,
             num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True,
-            compress: bool = False):
+            compress: bool = False, final_norm: str | bool = "auto"):
     """Extract one complete feature store; returns ``(store, stats)``. ``compress``: zstd on the
-    tokens (a new store only)."""
-    backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device or default_device())
+    tokens (a new store only). ``final_norm``: auto / on / off (``soapflow.backbones``)."""
+    backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device or default_device(),
+                               final_norm)
     source = cached_source(source_spec, n, seed)
     # one extraction per store at a time: a second one refuses at once, naming the first
     with store_lease(out, storage_options):

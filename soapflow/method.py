@@ -73,7 +73,8 @@ def principal_components(m: Moments) -> tuple[np.ndarray, np.ndarray]:
 
 
 def activation_counts(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """``Σ_images 1[(z − m)·v_d > 0]`` per position and component: an int64 ``(H, W, D)`` array.
+    """``Σ_images 1[(z − m)·v_d > 0]`` per position and component: an int64 ``(H, W, K)`` array
+    for ``K`` components (rows; ``K = D`` in a fit, fewer to score chosen directions).
 
     Counts add up exactly, so response maps do not depend on chunking either. Only signs
     matter, so float16/float32 tokens are projected in float32 (twice the GEMM speed) and the
@@ -85,7 +86,7 @@ def activation_counts(tokens: np.ndarray, mean: np.ndarray, components: np.ndarr
         signs = _projection_signs_f32(z, mean, components)
     else:
         signs = np.subtract(z, mean, dtype=np.float64) @ components.T > 0
-    return np.count_nonzero(signs.reshape(tokens.shape), axis=0).astype(np.int64)
+    return np.count_nonzero(signs.reshape(*tokens.shape[:-1], -1), axis=0).astype(np.int64)
 
 
 def _projection_signs_f32(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:

@@ -74,6 +74,18 @@ def check_cheap(*, data: str | None = None, data_flag: str = "--data", weights: 
         source_path(data_flag, data)
 
 
+FINAL_NORM_CHOICES = ("auto", "on", "off")  # soapflow.backbones.FINAL_NORM, without importing torch
+
+
+def final_norm(value: str | bool) -> str:
+    """``--final-norm`` as auto/on/off (booleans from YAML too)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in FINAL_NORM_CHOICES:
+        return value.strip().lower()
+    raise SoapError(f"--final-norm must be one of {', '.join(FINAL_NORM_CHOICES)}, got {value!r}")
+
+
 def check_bundled_weights(backbone: str, weights: str | None) -> None:
     """A backbone without bundled weights needs ``--weights``: say so in the command line's words."""
     if weights is not None:
@@ -98,13 +110,14 @@ class Loaded:
 
 
 def load_inputs(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                device: str, data: str, n: int | None, seed: int, *, n_flag: str = "--n-real") -> Loaded:
+                device: str, data: str, n: int | None, seed: int, *, final_norm: str | bool = "auto",
+                n_flag: str = "--n-real") -> Loaded:
     """Load the backbone (cached for the run) and open the real source; raise on bad input."""
     from soapflow.extract import cached_backbone, cached_source
 
     src = cached_source(data, n, seed)  # (a scan: cheaper than the model, so first)
     check_bundled_weights(backbone, weights)
-    bb = cached_backbone(backbone, weights, layer, feature, image_size, device)
+    bb = cached_backbone(backbone, weights, layer, feature, image_size, device, final_norm)
     if len(src) == 0:
         raise SoapError(f"source {src.spec} has no usable images ({len(src.skipped)} skipped)")
     notes = []

@@ -19,6 +19,7 @@ def extract(
     weights: opt.Weights = None,
     layer: opt.Layer = -1,
     feature: opt.Feature = "out",
+    final_norm: opt.FinalNorm = "auto",
     n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise; default: all the source has).",
                                              show_default=False)] = None,
     image_size: opt.ImageSize = None,
@@ -36,6 +37,7 @@ def extract(
 
     preflight.check_cheap(data=source, data_flag="--source", weights=weights, image_size=image_size,
                           counts={"--n": n, "--chunk": chunk})
+    final_norm = preflight.final_norm(final_norm)
     if workers is not None:
         preflight.count("--workers", workers, minimum=0)
     storage_options = opt.parse_storage_options(storage_option)
@@ -44,7 +46,8 @@ def extract(
     from soapflow.extract import extract as run_extract
 
     device = opt.resolve_device(device)
-    loaded = preflight.load_inputs(backbone, weights, layer, feature, image_size, device, source, n, seed, n_flag="--n")
+    loaded = preflight.load_inputs(backbone, weights, layer, feature, image_size, device, source, n, seed,
+                                   final_norm=final_norm, n_flag="--n")
     console = Console(soft_wrap=True)
     for note in loaded.notes:
         console.print(f"note: {note}")
@@ -53,10 +56,12 @@ def extract(
     with cancel.deferred():  # Ctrl-C: finish the chunks being written, then stop
         store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
                                    image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                                   num_workers=workers, compress=compress, storage_options=storage_options)
+                                   num_workers=workers, compress=compress, storage_options=storage_options,
+                                   final_norm=final_norm)
     attrs = store.attrs
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
-    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs})")
+    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs}), block {attrs.get('layer')} "
+                  f"{'after' if attrs.get('final_norm') else 'before'} the final norm")
     console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s: "
                   f"{stats.breakdown()}); skipped files: {attrs.get('n_skipped', 0)}")
     for item in (attrs.get("skipped") or [])[:10]:
@@ -80,6 +85,7 @@ def refit(
     weights: opt.Weights = None,
     layer: opt.Layer = -1,
     feature: opt.Feature = "out",
+    final_norm: opt.FinalNorm = "auto",
     data: opt.Data = defaults.DEFAULT_DATA,
     n_real: opt.NReal = None,
     n_synth: opt.NSynth = None,
@@ -114,6 +120,7 @@ def refit(
     mu_value = opt.parse_mu(mu)
     preflight.check_cheap(data=data, weights=weights, image_size=image_size, fit=(mu_value, tau, gamma, threshold),
                           counts={"--n-real": n_real, "--n-synth": n_synth, "--chunk": chunk, "--shards": shards})
+    final_norm = preflight.final_norm(final_norm)
     if workers is not None:
         preflight.count("--workers", workers, minimum=0)
     storage_options = opt.parse_storage_options(storage_option)
@@ -141,11 +148,13 @@ def refit(
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
     console = Console(soft_wrap=True)
     # the model and the real source load (and fail on bad input) before the flow starts
-    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed) as loaded:
+    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed,
+                         final_norm) as loaded:
         for note in loaded.notes:
             console.print(f"note: {note}")
         with cancel.deferred():  # Ctrl-C: the extraction threads stop at their next chunk
-            result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
+            result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
+                          data=data, n_real=n_real,
                           n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value,
                           tau=tau, gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
                           num_workers=workers, workdir=workdir, out=out, registry=registry, name=name,
@@ -174,6 +183,7 @@ def refit(
     console.print(f"artifact: {result['artifact']}"
                   + (f"  (replaced the previous artifact there, sha256 {replaced[:16]}…)" if replaced else ""))
     console.print(f"plots:    {result['artifact']}/plots/")
+    console.print(f"report:   {result['report']}")
     if result.get("ref"):
         note = "" if result.get("published_new_version") else " (identical content was already published)"
         console.print(f"registry: {result['ref']}  in {result['registry']}{note}")

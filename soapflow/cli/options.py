@@ -18,7 +18,7 @@ from soapflow.errors import SoapError
 from soapflow.extract import DEFAULT_CHUNK
 
 __all__ = [
-    "Backbone", "Weights", "Layer", "Feature", "ImageSize", "Data", "NReal", "NSynth", "Generator", "Seed",
+    "Backbone", "Weights", "Layer", "Feature", "FinalNorm", "ImageSize", "Data", "NReal", "NSynth", "Generator", "Seed",
     "Mu", "Tau", "Gamma", "Threshold", "Chunk", "Dtype", "Device", "Workers", "Workdir", "ScanWorkdir",
     "Registry", "StorageOption", "Quiet", "DEFAULT_CHUNK", "DEVICE_DEFAULT_TEXT", "parse_mu",
     "parse_storage_options", "positive", "resolve_device",
@@ -38,6 +38,9 @@ Layer = Annotated[int, typer.Option(help="Block index; negative counts from the 
 Feature = Annotated[str, typer.Option(help="Token kind: out (block output) | q | k | v | kqv.")]
 ImageSize = Annotated[Optional[int], typer.Option(
     help="Input size in pixels, a multiple of the patch size (default: the backbone's).", show_default=False)]
+FinalNorm = Annotated[str, typer.Option(
+    help="The model's final norm on the tokens: auto (after the last block only, as forward_features and the "
+         "authors), on (every block), off.")]
 Device = Annotated[Optional[str], typer.Option(
     help="torch device: cpu, cuda, cuda:1 …", show_default=DEVICE_DEFAULT_TEXT)]
 

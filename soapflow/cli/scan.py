@@ -16,6 +16,7 @@ def scan(
     weights: opt.Weights = None,
     layers: Annotated[str, typer.Option(help="all, last, or block indices like 4,8,11.")] = "all",
     feature: opt.Feature = "out",
+    final_norm: opt.FinalNorm = "auto",
     image_size: opt.ImageSize = None,
     data: opt.Data = defaults.DEFAULT_DATA,
     n_real: opt.NReal = None,
@@ -74,6 +75,7 @@ def scan(
         typer.echo("note: --synth is deprecated; use --generator", err=True)
         generator = old_synth.split(":", 1)[1] if old_synth.startswith("noise:") else old_synth
     mu_value = opt.parse_mu(mu)
+    final_norm = preflight.final_norm(final_norm)
     preflight.check_cheap(data=data, weights=weights, image_size=image_size, fit=(mu_value, tau, gamma, threshold),
                           counts={"--n-real": n_real, "--n-synth": n_synth, "--batch-size": batch_size})
     device = opt.resolve_device(device)
@@ -85,7 +87,8 @@ def scan(
     evaluations = [e.strip() for e in eval.split(",") if e.strip()]
     synth = f"noise:{generator}"
     result = run_scan(
-        backbone, weights=weights, layers=layers, feature=feature, image_size=image_size, data=data, n=n_real,
+        backbone, weights=weights, layers=layers, feature=feature, final_norm=final_norm, image_size=image_size,
+        data=data, n=n_real,
         synth=synth, synth_n=n_synth, seed=seed, mu=mu_value, tau=tau, gamma=gamma, threshold=threshold,
         batch_size=batch_size, dtype=dtype, work_dir=workdir, keep_work=workdir is not None,
         artifacts_dir=artifacts, evaluations=evaluations, eval_data=eval_data, eval_n=eval_n, bank=bank,
