@@ -76,7 +76,7 @@ def test_device_defaults_to_cuda_if_available_everywhere_and_help_says_so(name):
 
 def test_shared_options_have_one_name_and_one_default():
     refit, scan, extract = COMMANDS[("refit",)], COMMANDS[("scan",)], COMMANDS[("extract",)]
-    for flag in ("--workdir", "--n-real", "--n-synth", "--generator", "--data", "--backbone", "--weights",
+    for flag in ("--workdir", "--n-real", "--n-synth", "--generator", "--data", "--backbone", "--weights", "--final-norm",
                  "--mu", "--tau", "--gamma", "--threshold", "--feature", "--image-size", "--device"):
         a, b = _option(refit, flag), _option(scan, flag)
         assert a is not None and b is not None, flag
@@ -118,6 +118,10 @@ def test_defaults_agree_with_the_flows_and_functions():
         assert _option(COMMANDS[("fit",)], f"--{flag}").default == fit[flag].default
     assert float(_option(COMMANDS[("fit",)], "--mu").default) == fit["mu"].default
     assert DEFAULT_BACKBONE == defaults.DEFAULT_BACKBONE and _option(refit, "--chunk").default == DEFAULT_CHUNK
+    from soapflow.backbones import FINAL_NORM
+    from soapflow.preflight import FINAL_NORM_CHOICES
+
+    assert FINAL_NORM_CHOICES == FINAL_NORM and _option(refit, "--final-norm").default == flow["final_norm"].default
 
 
 def test_scan_keeps_the_old_names_working_as_hidden_aliases():

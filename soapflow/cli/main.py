@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-
 from typing import Annotated
 
 import typer
@@ -18,24 +17,23 @@ from soapflow.errors import SoapError
 
 # Shown under `soap --help`: the environment the commands read, and where run history goes.
 ENVIRONMENT_HELP = """\
-[bold]Environment[/bold]
+Environment:
 
-  [bold]SOAPFLOW_WORKDIR[/bold]  feature stores, artifacts and reports of `soap refit` (default ~/.cache/soapflow/work)
+\b
+  SOAPFLOW_WORKDIR          feature stores, artifacts and reports of `soap refit` (default ~/.cache/soapflow/work)
+  SOAPFLOW_CACHE            converted backbone weights and pulled heads (default ~/.cache/soapflow)
+  SOAPFLOW_REGISTRY         registry root, a path or s3://bucket/prefix (default ~/.local/share/soapflow/registry)
+  SOAPFLOW_STORAGE_OPTIONS  JSON object for an s3:// registry, e.g. {"client_kwargs": {"endpoint_url": "http://…"}}
 
-  [bold]SOAPFLOW_CACHE[/bold]  converted backbone weights and pulled heads (default ~/.cache/soapflow)
-
-  [bold]SOAPFLOW_REGISTRY[/bold]  registry root, a path or s3://bucket/prefix (default ~/.local/share/soapflow/registry)
-
-  [bold]SOAPFLOW_STORAGE_OPTIONS[/bold]  JSON object for an s3:// registry, e.g. {"client_kwargs": {"endpoint_url": "http://…"}}
-
-  [bold]PREFECT_API_URL[/bold]  the Prefect server runs report to. Unset, each run starts a temporary one and its history stays in ~/.prefect/prefect.db ($PREFECT_HOME): `prefect server start` shows it at http://127.0.0.1:4200, and `export PREFECT_API_URL=http://127.0.0.1:4200/api` makes later runs report there live.
+PREFECT_API_URL: the Prefect server runs report to. Unset, each run starts a temporary one and its history stays in
+~/.prefect/prefect.db ($PREFECT_HOME): `prefect server start` shows it at http://127.0.0.1:4200, and
+`export PREFECT_API_URL=http://127.0.0.1:4200/api` makes later runs report there live.
 """
 
 app = typer.Typer(
     name="soap",
     help="SOAP: find and remove non-semantic directions in ViT patch tokens.",
     epilog=ENVIRONMENT_HELP,
-    rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
