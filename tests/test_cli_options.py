@@ -63,7 +63,7 @@ def test_every_option_has_help_text_and_help_has_no_bool_placeholder(path):
             assert p.opts[0] in result.output
 
 
-DEVICE_COMMANDS = ["extract", "refit", "scan", "eval salient", "eval knn-seg", "eval knn-cls"]
+DEVICE_COMMANDS = ["extract", "refit", "scan", "eval salient", "eval knn-seg", "eval knn-cls", "eval planted"]
 
 
 @pytest.mark.parametrize("name", DEVICE_COMMANDS)
@@ -93,7 +93,7 @@ def test_shared_options_have_one_name_and_one_default():
 
 def test_registry_and_storage_options_wherever_a_registry_or_store_uri_is_taken():
     for name, cmd in COMMANDS.items():
-        if name[0] in ("registry", "eval") or name == ("refit",):
+        if name[0] == "registry" or name == ("refit",) or _option(cmd, "--head") is not None:
             assert _option(cmd, "--registry") is not None, name
             assert _option(cmd, "--storage-option") is not None, name
     for name in (("extract",), ("fit",)):  # store URIs

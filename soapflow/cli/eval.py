@@ -228,12 +228,12 @@ def planted(
     evaluate: Annotated[str, typer.Option(help="Comma list of salient,knn-seg,knn-cls; 'none' for recovery only.")] = "salient,knn-seg,knn-cls",
     salient_tau: Annotated[float, typer.Option(help="TokenCut τ.")] = 0.2,
     bank_patches: Annotated[int, typer.Option(help="kNN-seg bank patches (seeded subsample); 0 = all.")] = 16384,
-    work_dir: Annotated[str, typer.Option(help="Clean stores (reused when present), planted fits and artifacts.")] = "planted-work",
+    workdir: Annotated[str, typer.Option(help="Clean stores (reused when present), planted fits and artifacts.")] = "planted-work",
     keep_stores: Annotated[bool, typer.Option("--keep-stores", help="Keep the planted feature stores.")] = False,
     json_path: Json = None,
     plot: Annotated[Optional[str], typer.Option(help="PNG: angles and planted SI vs amplitude per k (and metrics).")] = None,
     chunk: Annotated[int, typer.Option(help="Images per store chunk (and forward pass).")] = 32,
-    device: Device = "cpu",
+    device: Device = None,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -249,10 +249,10 @@ def planted(
     data_cfg = PL.PlantedData(backbone=backbone, weights=weights, layer=layer, final_norm=final_norm,
                               image_size=image_size, real=data,
                               n_real=n_real, synth=synth, n_synth=n_synth, eval_data=dataset, n_eval=n, chunk=chunk,
-                              device=device, seed=seed)
+                              device=opt.resolve_device(device), seed=seed)
     ev = PL.PlantedEval(evaluations=evals, salient_tau=salient_tau, bank_patches=bank_patches or None, n_boot=n_boot,
                         seed=seed)
-    report = PL.run_planted(data_cfg, planting, ev, work_dir, keep_stores=keep_stores, progress=not quiet)
+    report = PL.run_planted(data_cfg, planting, ev, workdir, keep_stores=keep_stores, progress=not quiet)
     if plot:
         report["plot_png"] = PL.plot_report(report, plot)
     PL.print_report(report)
