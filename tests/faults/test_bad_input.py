@@ -134,6 +134,7 @@ def _artifacts(root: Path) -> dict[str, Path]:
 
 def _cases(root: Path, f, w, s, a) -> list[dict]:
     reg = root / "registry"
+    reg.mkdir()  # (an existing, empty registry: a root that is not there is an error of its own)
     out = lambda name: str(root / "out" / name)  # noqa: E731
     ext = lambda *args: ["extract", *BACKBONE, *map(str, args)]  # noqa: E731
     fit = lambda real, synth, *args: ["fit", str(s[real]), str(s[synth]), "--out", out(f"fit-{real}-{synth}"),  # noqa: E731
@@ -195,7 +196,7 @@ def _cases(root: Path, f, w, s, a) -> list[dict]:
          "unknown feature")
     case("CUDA device on a machine without one", ext("--device", "cuda", "--source", "noise:pink", "--n", 4,
                                                     "--out", out("cuda")), "cannot use device")
-    case("--chunk 0", ext("--source", "noise:pink", "--n", 4, "--chunk", 0, "--out", out("c0")), "chunk ≥ 1")
+    case("--chunk 0", ext("--source", "noise:pink", "--n", 4, "--chunk", 0, "--out", out("c0")), "--chunk must be ≥ 1, got 0")
     case("--dtype bfloat16", ext("--source", "noise:pink", "--n", 4, "--dtype", "bfloat16", "--out", out("bf")),
          "bfloat16", "not supported")
     # output locations
