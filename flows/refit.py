@@ -195,7 +195,7 @@ def refit(
     cancel.check()  # Ctrl-C between stages: the stores are complete, the fit has not started
     fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
                                  gamma=gamma, threshold=threshold, dask_address=dask_address,
-                                 extra_manifest={"lineage": lineage}).result()
+                                 extra_manifest={"lineage": lineage}, device=spec["device"]).result()
     result = {
         "artifact": fitted["path"],
         "content_hash": fitted["manifest"]["content_hash"],

@@ -63,7 +63,7 @@ def test_every_option_has_help_text_and_help_has_no_bool_placeholder(path):
             assert p.opts[0] in result.output
 
 
-DEVICE_COMMANDS = ["extract", "refit", "scan", "eval salient", "eval knn-seg", "eval knn-cls", "eval planted"]
+DEVICE_COMMANDS = ["extract", "refit", "scan", "fit", "eval salient", "eval knn-seg", "eval knn-cls", "eval planted"]
 
 
 @pytest.mark.parametrize("name", DEVICE_COMMANDS)

@@ -36,6 +36,7 @@ def fit(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact directory.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip writing plots/.")] = False,
     storage_option: opt.StorageOption = None,
+    device: opt.Device = None,
 ) -> None:
     """Fit SOAP exactly (float64, out of core) and write the projection artifact."""
     from rich.console import Console
@@ -48,6 +49,7 @@ def fit(
         real_store, synth_store, out, dask_address=dask_address, workers=workers,
         mu=mu_value, tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress),
         overwrite=overwrite, plots=not no_plots, storage_options=opt.parse_storage_options(storage_option),
+        device=device,  # None: CUDA if the workers have it
     )
     print_fit_summary(Console(soft_wrap=True), fitted, manifest, path)
 
