@@ -25,8 +25,9 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from soapflow import cancel
 from soapflow.common import default_workdir, is_url, slug
-from soapflow.config import EvalSettings, RefitConfig, RunSettings
+from soapflow.config import BackboneSpec, EvalSettings, RefitConfig, RunSettings
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
 from tasks.publish import publish_artifact
@@ -48,36 +49,59 @@ def _extract(spec: BackboneSpec, uri: str, source: str, n, seed: int, run: RunSe
     futures = [extract_shard.submit(plan.uri, plan.created, chunks, spec, source, n, seed, run.num_workers,
                                     run.progress)
                for chunks in plan.shards]
-    return plan, finalize_store.submit(plan.uri, futures)
+    return plan, futures, finalize_store.submit(plan.uri, futures)
 
 
 @contextlib.contextmanager
 def quick_local_run(config: RefitConfig):
-    """Around a one-off ``refit`` call with no ``PREFECT_API_URL`` (``soap refit``).
+    """Around a one-off ``refit`` call (``soap refit``): loads the model and opens the real source
+    (raising on bad input before any flow starts) and yields ``soapflow.preflight.Loaded``.
 
-    The temporary server boots in its own process while this thread loads the model and scans
-    the source, instead of one after the other. Heartbeats are off: this server dies with the
-    process, so nobody needs them. Load failures are left for the flow to raise.
+    With no ``PREFECT_API_URL`` the temporary server boots in its own process while this thread
+    loads the model and scans the source, instead of one after the other; when that fails the
+    server is stopped before it was ever used, so a bad input is one line. Heartbeats are off:
+    this server dies with the process, so nobody needs them.
     """
     from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY, PREFECT_UI_URL, temporary_settings
 
-    if PREFECT_API_URL.value():  # a real server: nothing to overlap
-        yield
-        return
-    from flows.temporary_server import temporary_server
-    from soapflow.extract import cached_source, load
+    from soapflow import preflight
 
-    server = temporary_server()
-    server.start()
+    server = None
+    if not PREFECT_API_URL.value():  # no real server: boot the temporary one meanwhile
+        from flows.temporary_server import temporary_server
+
+        server = temporary_server()
+        server.start()
+    try:
+        b, d = config.backbone.on_device(), config.data
+        loaded = preflight.load_inputs(b.name, b.weights, b.layer, b.feature, b.image_size, b.device, d.real, d.n_real,
+                                       d.seed, final_norm=b.final_norm)
+    except BaseException:
+        if server is not None:
+            server.stop()
+        raise
     with contextlib.suppress(Exception):
-        load(config.backbone)
-        cached_source(config.data.real, config.data.n_real, config.data.seed)
         import distributed  # noqa: F401  what the fit and its plots import, while the server starts
         import matplotlib.pyplot  # noqa: F401
+    quiet_input_errors(console=True)
+    if server is None:
+        yield loaded
+        return
     # no UI URL: this server serves no UI, so Prefect should not print "View at" links to it
     with temporary_settings(updates={PREFECT_API_URL: server.wait_ready(), PREFECT_UI_URL: "",
                                      PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
-        yield
+        yield loaded
+
+
+def check_parameters(config: RefitConfig) -> None:
+    """The refit's input checks that need no model (run first, so a bad count creates no store)."""
+    from soapflow import preflight
+
+    fit, data, run = config.fit, config.data, config.run
+    preflight.check_cheap(data=data.real, weights=config.backbone.weights, image_size=config.backbone.image_size,
+                          fit=(fit.mu_label, fit.tau, fit.gamma, fit.threshold),
+                          counts={"--n-real": data.n_real, "--n-synth": data.n_synth, "--chunk": run.chunk,
+                                  "--shards": run.shards})
 
 
 @flow(name="refit", log_prints=True)
@@ -92,8 +116,10 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
     """
     from soapflow.extract import load
 
+    quiet_input_errors()
     logger = get_run_logger()
     data, run, output = config.data, config.run, config.output
+    check_parameters(config)
     work = Path(run.workdir) if run.workdir else default_workdir()
     spec = config.backbone.on_device()
     bb = load(spec)  # fail fast on a bad name/weights/layer, before any task runs
@@ -104,17 +130,23 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
                 "after" if bb.final_norm_at() else "before", bb.grid, bb.dim, spec.device)
 
     real_uri = store_uri(work, named, data.real, data.n_real, data.seed, run)
-    real_plan, real_done = _extract(spec, real_uri, data.real, data.n_real, data.seed, run)
+    real_plan, real_shards, real_done = _extract(spec, real_uri, data.real, data.n_real, data.seed, run)
     synth_n = data.n_synth or real_plan.count
     synth_uri = store_uri(work, named, data.synthetic, synth_n, data.seed, run)
-    _, synth_done = _extract(spec, synth_uri, data.synthetic, synth_n, data.seed, run)
+    _, synth_shards, synth_done = _extract(spec, synth_uri, data.synthetic, synth_n, data.seed, run)
 
     artifact_dir = output.out or str(work / "artifacts" / f"{slug(bb.name)}-L{bb.layer}")
+    previous = _artifact_hash(artifact_dir)
     from prefect.runtime import flow_run
 
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name,
                "final_norm": bb.final_norm_at()}
-    real_extracted, synth_extracted = real_done.result(), synth_done.result()  # (an extraction's own error)
+    for shard in (*real_shards, *synth_shards):
+        # a failed extraction's own error (bad input, Ctrl-C): finalizing after it would only say
+        # "upstream task did not complete"
+        shard.result()
+    cancel.check()  # Ctrl-C between stages: the stores are complete, the fit has not started
+    real_extracted, synth_extracted = real_done.result(), synth_done.result()
     fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, config.fit,
                                  dask_address=run.dask_address, extra_manifest={"lineage": lineage},
                                  device=spec.device).result()
@@ -129,9 +161,13 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
         "extraction": {"real": real_extracted.summary(), "synthetic": synth_extracted.summary()},
         "skipped_images": real_plan.skipped,
         "ref": None,
+        "warnings": fitted.warnings,
+        "replaced": previous if previous not in (None, fitted.content_hash) else None,
     }
+    cancel.check()  # Ctrl-C during the fit: the artifact is written, nothing is published
     if output.publish:
-        published = publish_artifact.submit(fitted.path, output.registry, output.name, lineage).result()
+        published = publish_artifact.submit(fitted.path, output.registry, output.name, lineage,
+                                            output.storage_options).result()
         result["ref"] = published.ref
         result["registry"] = published.registry
         result["published_new_version"] = published.created
@@ -150,6 +186,55 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
     return result
 
 
+def _artifact_hash(path: str) -> str | None:
+    """Content hash of the artifact already at ``path`` (None when there is none)."""
+    from storage.artifact import read_manifest
+
+    try:
+        return read_manifest(path).get("content_hash")
+    except Exception:  # nothing there, or not an artifact: nothing is being replaced
+        return None
+
+
+def quiet_input_errors(console: bool = False) -> None:
+    """Prefect logs a task's or flow's exception with its traceback; for bad input (``SoapError``)
+    and Ctrl-C (``Interrupted``) one line says it all. ``console``: also keep those lines off the
+    terminal, where the command prints its own ``error: …`` (they still reach the Prefect API).
+    Idempotent."""
+    import logging
+
+    from soapflow.cancel import Interrupted
+    from soapflow.errors import SoapError
+
+    class _OneLine(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            exc = record.exc_info[1] if record.exc_info else None
+            if isinstance(exc, (SoapError, Interrupted)):
+                record.exc_info = None
+                record.exc_text = None
+            return True
+
+    class _OffConsole(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            if not record.name.startswith(("prefect.flow_runs", "prefect.task_runs")):
+                return True
+            exc = record.exc_info[1] if record.exc_info else None
+            text = record.getMessage()
+            return not (isinstance(exc, (SoapError, Interrupted)) or "SoapError" in text or "Interrupted" in text)
+
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(type(f).__name__ == "_OneLine" for f in logger.filters):
+            logger.addFilter(_OneLine())
+    if console:
+        from prefect.logging.handlers import PrefectConsoleHandler
+
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, PrefectConsoleHandler) and not any(
+                    type(f).__name__ == "_OffConsole" for f in handler.filters):
+                handler.addFilter(_OffConsole())
+
+
 def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_table_artifact(table=result["top"], key="soap-top-si-scores",
                           description=f"Top SI scores, {bb.name} layer {bb.layer}")
@@ -166,6 +251,9 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     ]
     if result.get("ref"):
         lines.append(f"- registry: `{result['ref']}`")
+    if result.get("replaced"):
+        lines.append(f"- replaced the previous artifact in that directory (sha256 `{result['replaced'][:16]}…`)")
+    lines += [f"- **warning:** {w}" for w in result.get("warnings") or ()]
     create_markdown_artifact(markdown="\n".join(lines), key="soap-refit-summary")
     create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
                          key="soap-artifact")

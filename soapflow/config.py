@@ -172,6 +172,7 @@ class OutputSettings:
 
     out: str | None = None  # None: <workdir>/artifacts/<backbone>-L<layer>
     registry: str | None = None  # None: $SOAPFLOW_REGISTRY, else the per-user registry
+    storage_options: dict | None = None  # for an s3:// registry (fsspec options)
     name: str | None = None  # None: <backbone>/<layer>
     publish: bool = True
     evaluate_after: tuple[str, ...] | None = None  # e.g. ("knn-seg",): run the evaluate flow on the version

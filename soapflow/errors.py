@@ -64,11 +64,14 @@ def io_error(message: str, cause: BaseException) -> SoapError | TransientError:
 
 
 def retry_transient(task, task_run, state) -> bool:
-    """A Prefect ``retry_condition_fn``: retry a task that failed with a transient error only."""
+    """A Prefect ``retry_condition_fn``: retry a task that failed with a transient error only
+    (never after Ctrl-C, ``soapflow.cancel``)."""
+    from soapflow.cancel import Interrupted, requested
+
     try:
         state.result()
     except BaseException as exc:  # noqa: BLE001 - the task's own exception, to classify
-        return is_transient(exc)
+        return not requested() and not isinstance(exc, Interrupted) and is_transient(exc)
     return False
 
 

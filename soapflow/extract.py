@@ -18,6 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
+from soapflow import cancel
 from soapflow import config
 from soapflow.config import BackboneSpec
 from soapflow.errors import SoapError
@@ -195,6 +196,7 @@ def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_worke
                 in_flight: list[Future] = []
                 t = time.perf_counter()
                 for position, images in chunks_in:
+                    cancel.check()  # Ctrl-C: stop before this chunk; the ones written so far stay flagged
                     waited = lock.waited()  # (noise is made, and CPUs decode, holding the lock)
                     stats.input_seconds += time.perf_counter() - t - waited
                     stats.device_wait_seconds += waited

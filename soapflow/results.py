@@ -55,6 +55,7 @@ class FitResult:
     path: str
     manifest: dict
     top: list[dict]  # rank, si_score, weight, explained_variance of the 8 highest SI scores
+    warnings: list[str] = dataclasses.field(default_factory=list)  # soapflow.fit.fit_warnings
 
     @property
     def content_hash(self) -> str:

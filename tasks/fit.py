@@ -15,7 +15,7 @@ def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitParams,
     """Fit and write the artifact; returns its path, manifest and the top SI components."""
     import numpy as np
 
-    from soapflow.fit import fit_to_artifact
+    from soapflow.fit import fit_to_artifact, fit_warnings
 
     path, fit, manifest = fit_to_artifact(real_uri, synth_uri, out_dir, params, cluster=dask_address, device=device,
                                           overwrite=True, extra_manifest=extra_manifest)
@@ -23,4 +23,4 @@ def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitParams,
     explained = fit.explained_variance
     top = [{"rank": int(d), "si_score": round(float(fit.scores[d]), 4), "weight": round(float(fit.weights[d]), 4),
             "explained_variance": round(float(explained[d]), 4)} for d in order]
-    return FitResult(path=str(path), manifest=manifest, top=top)
+    return FitResult(path=str(path), manifest=manifest, top=top, warnings=fit_warnings(fit, manifest))
