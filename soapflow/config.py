@@ -11,11 +11,10 @@ from dataclasses import dataclass, field, fields, replace
 
 from soapflow.errors import SoapError
 
-DEFAULT_MU = 2.0
-DEFAULT_TAU = 0.05
-DEFAULT_GAMMA = 1.0
-DEFAULT_THRESHOLD = 0.75
-DEFAULT_BACKBONE = "dinov2_vits14"
+from soapflow.defaults import (  # noqa: E402  (defined once, in a module that imports nothing)
+    DEFAULT_BACKBONE, DEFAULT_DATA, DEFAULT_DTYPE, DEFAULT_GAMMA, DEFAULT_GENERATOR, DEFAULT_MU, DEFAULT_TAU,
+    DEFAULT_THRESHOLD,
+)
 
 
 def _number(value) -> bool:
@@ -142,9 +141,9 @@ class BackboneSpec:
 class DataSpec:
     """The images: the real source, the synthetic generator, how many of each, and the seed."""
 
-    real: str = "photos"
+    real: str = DEFAULT_DATA
     n_real: int | None = None  # None: all the source has
-    generator: str = "mixture"
+    generator: str = DEFAULT_GENERATOR
     n_synth: int | None = None  # None: as many as real
     seed: int = 0
 
@@ -158,7 +157,7 @@ class RunSettings:
     """How the work runs: store layout, parallelism, where it goes, progress bars."""
 
     chunk: int = DEFAULT_CHUNK
-    dtype: str = "float16"
+    dtype: str = DEFAULT_DTYPE
     shards: int = 1  # parallel extraction tasks per store
     num_workers: int | None = None  # DataLoader decode processes per extraction
     workdir: str | None = None  # None: soapflow.common.default_workdir()

@@ -85,9 +85,11 @@ def test_refit_tail_of_a_flow_error_has_no_prefect_traceback(tmp_path):
     code = f"""
 import sys
 from flows.refit import refit
+from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
 try:
-    refit(backbone="vit_tiny_patch16_224", weights="random", image_size=32, n_synth=-3, workdir={str(tmp_path)!r})
+    refit(RefitConfig.from_flat(dict(backbone="vit_tiny_patch16_224", weights="random", image_size=32, n_synth=-3,
+                                     workdir={str(tmp_path)!r})))
 except SoapError as exc:
     print("caught:", exc)
 """

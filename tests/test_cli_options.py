@@ -106,22 +106,24 @@ def test_defaults_agree_with_the_flows_and_functions():
     from soapflow.extract import DEFAULT_CHUNK
     from soapflow.fit import fit_to_artifact
 
-    flow = inspect.signature(refit_flow.fn).parameters
+    config = inspect.signature(refit_flow.fn).parameters["config"].default  # a RefitConfig
     refit = COMMANDS[("refit",)]
-    for flag, param in (("--backbone", "backbone"), ("--data", "data"), ("--generator", "generator"),
-                        ("--tau", "tau"), ("--gamma", "gamma"), ("--threshold", "threshold"), ("--chunk", "chunk"),
-                        ("--layer", "layer"), ("--feature", "feature"), ("--seed", "seed")):
-        assert _option(refit, flag).default == flow[param].default, flag
-    assert float(_option(refit, "--mu").default) == flow["mu"].default
-    fit = inspect.signature(fit_to_artifact).parameters
+    for flag, value in (("--backbone", config.backbone.name), ("--data", config.data.real),
+                        ("--generator", config.data.generator), ("--tau", config.fit.tau),
+                        ("--gamma", config.fit.gamma), ("--threshold", config.fit.threshold),
+                        ("--chunk", config.run.chunk), ("--layer", config.backbone.layer),
+                        ("--feature", config.backbone.feature), ("--seed", config.data.seed)):
+        assert _option(refit, flag).default == value, flag
+    assert float(_option(refit, "--mu").default) == config.fit.mu
+    fit = inspect.signature(fit_to_artifact).parameters["params"].default  # a FitParams
     for flag in ("tau", "gamma", "threshold"):
-        assert _option(COMMANDS[("fit",)], f"--{flag}").default == fit[flag].default
-    assert float(_option(COMMANDS[("fit",)], "--mu").default) == fit["mu"].default
+        assert _option(COMMANDS[("fit",)], f"--{flag}").default == getattr(fit, flag)
+    assert float(_option(COMMANDS[("fit",)], "--mu").default) == fit.mu
     assert DEFAULT_BACKBONE == defaults.DEFAULT_BACKBONE and _option(refit, "--chunk").default == DEFAULT_CHUNK
     from soapflow.backbones import FINAL_NORM
     from soapflow.preflight import FINAL_NORM_CHOICES
 
-    assert FINAL_NORM_CHOICES == FINAL_NORM and _option(refit, "--final-norm").default == flow["final_norm"].default
+    assert FINAL_NORM_CHOICES == FINAL_NORM and _option(refit, "--final-norm").default == config.backbone.final_norm
 
 
 def test_scan_keeps_the_old_names_working_as_hidden_aliases():

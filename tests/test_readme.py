@@ -144,12 +144,15 @@ def check_flow_parameters(flow, params: dict) -> None:
     bound = {k: v.default for k, v in signature.parameters.items()}
     bound.update(params)
     if flow.name == "refit":
+        import pydantic
+
         from flows.refit import check_parameters
         from soapflow import preflight
+        from soapflow.config import RefitConfig
 
-        check_parameters(**{k: bound[k] for k in ("data", "weights", "n_real", "n_synth", "image_size", "mu", "tau",
-                                                  "gamma", "threshold", "chunk", "shards")})
-        preflight.check_bundled_weights(bound["backbone"], bound["weights"])
+        config = pydantic.TypeAdapter(RefitConfig).validate_python(bound["config"])  # as Prefect validates it
+        check_parameters(config)
+        preflight.check_bundled_weights(config.backbone.name, config.backbone.weights)
 
 
 def _prefect_value(raw: str):
@@ -169,8 +172,9 @@ def parse_prefect(line: str) -> None:
     args = dict(bound.arguments)
     if words[:2] == ["deployment", "run"]:
         flow, _ = _flow_for_deployment(args["name"])
-        params = dict(p.split("=", 1) for p in args.get("params") or ())
-        check_flow_parameters(flow, {k: _prefect_value(v) for k, v in params.items()})
+        params = {k: _prefect_value(v) for k, v in (p.split("=", 1) for p in args.get("params") or ())}
+        params.update(json.loads(args["multiparams"]) if args.get("multiparams") else {})  # --params '{...}'
+        check_flow_parameters(flow, params)
 
 
 # ----------------------------------------------------------------------------- tests
@@ -284,6 +288,7 @@ def test_the_check_catches_the_old_prefect_yaml_example():
     from soapflow.errors import SoapError
 
     with pytest.raises(SoapError, match="--weights PATH"):
-        parse_prefect("prefect deployment run refit/refit -p backbone=vit_small_patch14_dinov2 -p data=photos")
+        parse_prefect("prefect deployment run refit/refit --params "
+                      "'{\"config\": {\"backbone\": {\"name\": \"vit_small_patch14_dinov2\"}, \"data\": {\"real\": \"photos\"}}}'")
     with pytest.raises(SoapError, match="--data /data/photos"):
-        parse_prefect("prefect deployment run refit/refit -p data=/data/photos")
+        parse_prefect("prefect deployment run refit/refit --params '{\"config\": {\"data\": {\"real\": \"/data/photos\"}}}'")
