@@ -171,6 +171,20 @@ def si_sentence(data: dict) -> str:
     return f"Components with SI > {thr:g}: " + "; ".join(parts) + "."
 
 
+def sizes_sentence(data: dict) -> str:
+    scan = data["scan"]
+    b = blocks(data)[0]
+    s = summary(data, b)
+    first = reports(data, b)
+    n_eval = first[0]["n_images"] if first else "?"
+    seg = next((r for r in reports(data, b) if r["evaluation"] == "knn-seg"), None)
+    bank = f", kNN bank {seg['config'].get('bank_images')} train images" if seg else ""
+    n_real = scan["data"]["real"].get("count", "?")
+    n_synth = scan["data"]["synthetic"].get("count", "?")
+    return (f"Sizes: fit on {n_real} Fashion-MNIST train + {n_synth} `noise:mixture` images per block, "
+            f"evaluated on {n_eval} test images{bank}; {scan['backbone']['image_size']} px.")
+
+
 def planted_section(data_dir: str) -> str:
     path = os.path.join(data_dir, "planted.json")
     if not os.path.isfile(path):
@@ -198,6 +212,8 @@ def setup_text(data: dict) -> str:
     n_eval = first[0]["n_images"] if first else "?"
     knn_seg = next((r for b in blocks(data) for r in reports(data, b) if r["evaluation"] == "knn-seg"), None)
     seg_cfg = knn_seg["config"] if knn_seg else {}
+    knn_cls = next((r for b in blocks(data) for r in reports(data, b) if r["evaluation"] == "knn-cls"), None)
+    cls_k = knn_cls["config"].get("k", "?") if knn_cls else "?"
     return f"""- **Backbone**: `{bb['backbone']}` (timm `{bb['timm_name']}`, weights sha256 `{str(bb['weights_sha256'])[:8]}…`),
   {bb['image_size']} px ({bb['grid'][0]} × {bb['grid'][1]} patch grid, D = {bb['dim']}).
 - **Tokens** (SPEC §1 step 1, `--final-norm auto`): block {bb['depth'] - 1}, the last, is taken *after* the
@@ -218,7 +234,7 @@ def setup_text(data: dict) -> str:
   SOAP τ = 0.3 (the authors' pairing with SOAP), and τ = 0.3 for both (what the τ change alone does).
 - **Patch kNN segmentation**: bank = patches of the first {seg_cfg.get('bank_images', '?')} train images,
   subsampled to {seg_cfg.get('bank_patches', '?')} patches (seeded); k = {seg_cfg.get('k', '?')} nearest (cosine), majority label;
-  mIoU of the dataset confusion matrix and pixel accuracy. **kNN classification**: k = 20, cosine;
+  mIoU of the dataset confusion matrix and pixel accuracy. **kNN classification**: k = {cls_k}, cosine;
   features = mean-pooled patch tokens (`top1_mean`) or the class token of the same block (`top1_cls`;
   at block {bb['depth'] - 1} also after the final norm; SOAP applies Pφ to it as well).
 - **Statistics**: Δ = SOAP − raw on the same images with a paired percentile bootstrap 95% CI over
@@ -236,6 +252,8 @@ files in `docs/data/`, written by the commands at the end. The protocols are SPE
 `soapflow/evaluation/`.
 
 ## Setup
+
+{sizes_sentence(data)}
 
 {setup_text(data)}
 
@@ -257,9 +275,17 @@ files in `docs/data/`, written by the commands at the end. The protocols are SPE
 
 ## Reproduce (CPU)
 
+These numbers were made with
+
+```bash
+N={data["scan"]["data"]["real"].get("count", "?")} bash docs/results.sh   # SOAP="python -m soapflow.cli" without the soap script
+python docs/render_results.py
+```
+
+where `docs/results.sh` runs:
+
 ```bash
 {commands.strip()}
-python docs/render_results.py
 ```
 """
 
@@ -294,7 +320,7 @@ def main(argv=None) -> int:
         f.write(render_page(data, args.data, commands, notes))
     print(f"wrote {args.out}")
     if args.readme:
-        if update_readme(args.readme, readme_table(data), si_sentence(data)):
+        if update_readme(args.readme, readme_table(data), f"{sizes_sentence(data)} {si_sentence(data)}"):
             print(f"updated the results table in {args.readme}")
         else:
             print(f"{args.readme}: no {README_BEGIN} … {README_END} markers; left alone")
