@@ -43,3 +43,4 @@ for RUN in "64 $N" "256 $N2 --no-refit"; do
   timeout 240 python3 benchmarks/refit.py --device cuda --backbone vit_base_patch16_224 --weights random \
     --jpegs --n "$2" --chunk "$1" --extraction ${3:-} 2>&1 | tee "$OUT/refit-chunk$1.log" | tail -24
 done
+bash benchmarks/fit_check.sh  # the fit (issue 17): CUDA tests, fit.py --scale

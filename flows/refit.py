@@ -163,7 +163,7 @@ def refit(
                "final_norm": bb.final_norm_at()}
     fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
                                  gamma=gamma, threshold=threshold, dask_address=dask_address,
-                                 extra_manifest={"lineage": lineage}).result()
+                                 extra_manifest={"lineage": lineage}, device=spec["device"]).result()
     result = {
         "artifact": fitted["path"],
         "content_hash": fitted["manifest"]["content_hash"],
@@ -188,6 +188,9 @@ def refit(
             result["evaluation"] = evaluate(head_ref=published["ref"], evaluations=list(evaluate_after),
                                             dataset=eval_dataset, n=eval_n, registry=published["registry"],
                                             weights=weights, device=spec["device"], progress=False)
+    from storage.html_report import refit_report
+
+    result["report"] = str(refit_report(result["artifact"], result.get("registry"), result["ref"]))
     _publish_prefect_artifacts(result, bb)
     return result
 
@@ -204,12 +207,15 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
         f"- real store: `{result['stores']['real']}`",
         f"- synthetic store: `{result['stores']['synthetic']}`",
         f"- skipped real images: {result['skipped_images']}",
+        f"- HTML report: `{result['report']}`",
     ]
     if result.get("ref"):
         lines.append(f"- registry: `{result['ref']}`")
     create_markdown_artifact(markdown="\n".join(lines), key="soap-refit-summary")
     create_link_artifact(link=Path(result["artifact"]).resolve().as_uri(), link_text="SOAP artifact",
                          key="soap-artifact")
+    create_link_artifact(link=Path(result["report"]).resolve().as_uri(), link_text="SOAP report (HTML)",
+                         key="soap-report")
     for kind, uri in result["stores"].items():
         link = Path(uri).resolve().as_uri() if "://" not in uri else uri
         create_link_artifact(link=link, link_text=f"{kind} feature store", key=f"soap-{kind}-store")

@@ -242,7 +242,7 @@ def _read_ahead(items):
     """Iterate ``items`` one item ahead, in a thread of its own: the next item is being made
     while the caller works on this one. (On CUDA the two threads share the default stream, so
     the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL. DataLoader
-    workers are forked from a plain thread all the same: see ``sources._start_workers``.)"""
+    workers are forked from a plain thread all the same: see ``sources.loader._start_workers``.)"""
     it = iter(items)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
         upcoming = pool.submit(next, it, _END)

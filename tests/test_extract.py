@@ -258,13 +258,13 @@ def test_interrupted_extraction_resumes_identically(tmp_path, bb):
 def test_store_records_every_decoder_that_wrote_it(tmp_path, bb, monkeypatch):
     # begun with Pillow (a CPU), resumed where JPEGs are decoded on the device (as on a GPU; here
     # torchvision's decode_jpeg on the CPU): the store says both
-    import soapflow.sources as sources
+    import soapflow.sources.loader as loader
 
     src = cached_source("photos", 10, 0)
     store = open_store_for(str(tmp_path / "s"), bb, src, chunk=4)
     extract_chunks(store, bb, src, [0], progress=False)
     assert store.attrs["decoded_by"] == ["pillow"]
-    monkeypatch.setattr(sources, "decodes_on_device", lambda *a: True)
+    monkeypatch.setattr(loader, "decodes_on_device", lambda *a: True)
     extract_chunks(store, bb, src, progress=False)
     assert store.pending_chunks() == [] and store.attrs["decoded_by"] == ["decode_jpeg:cpu", "pillow"]
 

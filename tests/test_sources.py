@@ -15,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
+import noise_generators as ng
 from soapflow.errors import SoapError
 from soapflow.sources import (
     FASHION_MNIST_DIR,
@@ -326,9 +327,9 @@ def test_photos_offline():
 
 
 def test_photos_without_opencv_doc_and_gz(monkeypatch, tmp_path, folder):
-    import soapflow.sources as sources
+    import soapflow.sources.photos as photos
 
-    monkeypatch.setattr(sources, "OPENCV_DOC_DATA", str(tmp_path / "absent"))
+    monkeypatch.setattr(photos, "OPENCV_DOC_DATA", str(tmp_path / "absent"))
     base = open_source("photos")
     assert base.fingerprint["origins"]["opencv-doc"] == 0 and len(base) >= 8
     fake = tmp_path / "opencv"
@@ -342,7 +343,7 @@ def test_photos_without_opencv_doc_and_gz(monkeypatch, tmp_path, folder):
     photo.save(fake / "left01.jpg")  # calibration series
     Image.new("RGB", (32, 32)).save(fake / "icon.png")  # tiny icon
     (fake / "notes.txt").write_text("x")
-    monkeypatch.setattr(sources, "OPENCV_DOC_DATA", str(fake))
+    monkeypatch.setattr(photos, "OPENCV_DOC_DATA", str(fake))
     p = open_source("photos")
     assert p.relpaths[len(base) :] == ["opencv-doc/apple.jpg"]
     assert p.relpaths[: len(base)] == base.relpaths
@@ -398,9 +399,6 @@ def test_fashion_mnist_missing(monkeypatch, tmp_path):
 
 
 def test_noise_source():
-    ng = pytest.importorskip("noise_generators")
-    if not hasattr(ng, "generate"):
-        pytest.skip("noise_generators.generate has not landed yet")
     s = open_source("noise:mixture", n=10, seed=7)
     assert s.kind == "noise" and len(s) == 10 and s.skipped == [] and s.paths is None
     fp = s.fingerprint

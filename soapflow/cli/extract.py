@@ -125,6 +125,7 @@ def refit(
     console.print(f"components suppressed: {result['n_suppressed']} (μ = {result['mu']:g})")
     console.print(f"artifact: {result['artifact']}")
     console.print(f"plots:    {result['artifact']}/plots/")
+    console.print(f"report:   {result['report']}")
     if result.get("ref"):
         note = "" if result.get("published_new_version") else " (identical content was already published)"
         console.print(f"registry: {result['ref']}  in {result['registry']}{note}")

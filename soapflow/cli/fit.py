@@ -43,6 +43,7 @@ def fit(
     workers: Annotated[int, typer.Option(help="Workers of the local cluster (without --dask-address).")] = 1,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact directory.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip writing plots/.")] = False,
+    device: Annotated[str, typer.Option(help="Where the fit computes: auto (CUDA if present), cpu, cuda, cuda:N.")] = "auto",
 ) -> None:
     """Fit SOAP exactly (float64, out of core) and write the projection artifact."""
     from rich.console import Console
@@ -54,7 +55,7 @@ def fit(
     path, fitted, manifest = fit_to_artifact(
         real_store, synth_store, out, dask_address=dask_address, workers=workers,
         mu=parse_mu(mu), tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress),
-        overwrite=overwrite, plots=not no_plots,
+        overwrite=overwrite, plots=not no_plots, device=device,
     )
     print_fit_summary(Console(soft_wrap=True), fitted, manifest, path)
 

@@ -14,9 +14,26 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from soapflow.errors import SoapError
 
+# Shown under `soap --help`: the environment the commands read, and where run history goes.
+ENVIRONMENT_HELP = """\
+[bold]Environment[/bold]
+
+  [bold]SOAPFLOW_WORKDIR[/bold]  feature stores, artifacts and reports of `soap refit` (default ~/.cache/soapflow/work)
+
+  [bold]SOAPFLOW_CACHE[/bold]  converted backbone weights and pulled heads (default ~/.cache/soapflow)
+
+  [bold]SOAPFLOW_REGISTRY[/bold]  registry root, a path or s3://bucket/prefix (default ~/.local/share/soapflow/registry)
+
+  [bold]SOAPFLOW_STORAGE_OPTIONS[/bold]  JSON object for an s3:// registry, e.g. {"client_kwargs": {"endpoint_url": "http://…"}}
+
+  [bold]PREFECT_API_URL[/bold]  the Prefect server runs report to. Unset, each run starts a temporary one and its history stays in ~/.prefect/prefect.db ($PREFECT_HOME): `prefect server start` shows it at http://127.0.0.1:4200, and `export PREFECT_API_URL=http://127.0.0.1:4200/api` makes later runs report there live.
+"""
+
 app = typer.Typer(
     name="soap",
     help="SOAP: find and remove non-semantic directions in ViT patch tokens.",
+    epilog=ENVIRONMENT_HELP,
+    rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -40,7 +57,7 @@ def _register() -> None:
     app.command("extract")(extract_cli.extract)
     app.command("refit")(extract_cli.refit)
     app.add_typer(noise_cli.app, name="noise", help="Synthetic non-semantic images.")
-    app.add_typer(registry_cli.app, name="registry", help="Versioned projection artifacts: publish, promote, pull.")
+    app.add_typer(registry_cli.app, name="registry", help="Versioned projection artifacts: publish, promote, pull, diff, report.")
     app.add_typer(eval_cli.app, name="eval", help="Zero-shot evaluations: raw vs SOAP, with paired CIs.")
     app.command("scan")(scan_cli.scan)
 

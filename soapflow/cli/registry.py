@@ -1,4 +1,4 @@
-"""``soap registry``: publish, list, show, promote, pull, diff and export projection artifacts.
+"""``soap registry``: publish, list, show, promote, pull, diff, report and export projection artifacts.
 
 The registry root comes from ``--registry``, else ``$SOAPFLOW_REGISTRY``, else
 ``$XDG_DATA_HOME/soapflow/registry`` (``~/.local/share/soapflow/registry``). Object stores take
@@ -16,7 +16,7 @@ import typer
 from soapflow.errors import SoapError, json_object
 
 app = typer.Typer(
-    help="Versioned projection artifacts: publish, list, show, promote, pull, diff, export.",
+    help="Versioned projection artifacts: publish, list, show, promote, pull, diff, report, export.",
     no_args_is_help=True,
 )
 
@@ -35,7 +35,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a s
 
 @app.callback()
 def _group() -> None:
-    """Versioned projection artifacts: publish, list, show, promote, pull, diff, export."""
+    """Versioned projection artifacts: publish, list, show, promote, pull, diff, report, export."""
 
 
 def parse_storage_options(items: list[str] | None) -> dict | None:
@@ -246,6 +246,25 @@ def diff(
         c.print(t)
     if d["parameters"]:
         c.print("  changed: " + "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in d["parameters"].items()))
+
+
+@app.command()
+def report(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME:VERSION.")],
+    out: Annotated[str, typer.Option("--out", help="HTML file to write (one self-contained page, images inline).")],
+    registry: RegistryOpt = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Write one HTML page for a version: manifest, lineage, SI plot, response maps, recorded
+    evaluations with CIs, and the diff against the previous version."""
+    from storage.html_report import version_report, write_report
+
+    if not out.lower().endswith((".html", ".htm")):
+        raise SoapError(f"--out {out}: give an .html file name")
+    reg = _registry(registry, storage_option)
+    name, version = reg.resolve(ref)
+    path = write_report(out, version_report(reg, f"{name}:{version}"))
+    typer.echo(f"{name}:{version} → {path}")
 
 
 @app.command("export-mlflow")
