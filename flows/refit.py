@@ -19,7 +19,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from soapflow.extract import DEFAULT_CHUNK, default_device
+from soapflow.extract import default_chunk, default_device
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
 from tasks.publish import publish_artifact
@@ -43,9 +43,10 @@ def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, 
     return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{_slug(source)}-{digest}")
 
 
-def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress):
+def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress, cpu_decode_share=None):
     plan = prepare_store.submit(uri, spec, source, n, seed, chunk, dtype, shards).result()
-    futures = [extract_shard.submit(plan["uri"], plan["created"], chunks, spec, source, n, seed, num_workers, progress)
+    futures = [extract_shard.submit(plan["uri"], plan["created"], chunks, spec, source, n, seed, num_workers, progress,
+                                    cpu_decode_share=cpu_decode_share)
                for chunks in plan["shards"]]
     return plan, futures
 
@@ -106,11 +107,12 @@ def refit(
     tau: float = 0.05,
     gamma: float = 1.0,
     threshold: float = 0.75,
-    chunk: int = DEFAULT_CHUNK,
+    chunk: int | None = None,
     dtype: str = "float16",
     device: str | None = None,
     shards: int = 1,
     num_workers: int | None = None,
+    cpu_decode_share: float | None = None,
     workdir: str | None = None,
     out: str | None = None,
     registry: str | None = None,
@@ -140,8 +142,10 @@ def refit(
     logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
                 spec["device"])
 
+    chunk = chunk or default_chunk(spec["device"])
     real_uri = store_uri(work, named, data, n_real, seed, chunk, dtype)
-    real_plan, real_futures = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress)
+    real_plan, real_futures = _extract(spec, real_uri, data, n_real, seed, chunk, dtype, shards, num_workers, progress,
+                                       cpu_decode_share)
     synth_source = f"noise:{generator}"
     synth_n = n_synth or real_plan["count"]
     synth_uri = store_uri(work, named, synth_source, synth_n, seed, chunk, dtype)

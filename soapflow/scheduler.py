@@ -160,7 +160,6 @@ class DeviceScheduler:
         self.device = str(device)
         self.check = check
         self._jobs: list[Job] = []
-        self._next = 0  # round robin: where the next turn starts
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self.order: list[tuple[str, int]] | None = None  # (job, position) forwarded, when a test asks
@@ -182,11 +181,10 @@ class DeviceScheduler:
             self._cond.notify_all()
 
     def _pick(self) -> Job | None:
-        n = len(self._jobs)
-        for k in range(n):
-            job = self._jobs[(self._next + k) % n]
+        """The first job in line with a chunk ready; it goes to the back of the line."""
+        for k, job in enumerate(self._jobs):
             if job._ready():
-                self._next = (self._next + k + 1) % n
+                self._jobs.append(self._jobs.pop(k))
                 return job
         return None
 

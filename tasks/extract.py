@@ -40,14 +40,15 @@ def prepare_store(uri: str, spec: dict, source: str, n: int | None, seed: int, c
 @task(name="extract-chunks", tags=["gpu"], retries=2, retry_delay_seconds=2,
       cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
 def extract_shard(uri: str, created: str, chunks: list[int], spec: dict, source: str, n: int | None,
-                  seed: int, num_workers: int | None, progress: bool = True) -> dict:
+                  seed: int, num_workers: int | None, progress: bool = True,
+                  cpu_decode_share: float | None = None) -> dict:
     from storage.feature_store import FeatureStore
 
     backbone = ex.cached_backbone(**spec)
     src = ex.cached_source(source, n, seed)
     store = FeatureStore.open(uri, mode="r+")
     stats = ex.extract_chunks(store, backbone, src, chunks, num_workers=num_workers, progress=progress,
-                              desc=f"extract {source}")
+                              desc=f"extract {source}", cpu_decode_share=cpu_decode_share)
     return dataclasses.asdict(stats)  # images, chunks and ex.TIMINGS
 
 

@@ -7,7 +7,11 @@ from typing import Annotated, Optional
 import typer
 
 from soapflow.cli.fit import parse_mu
-from soapflow.extract import DEFAULT_CHUNK
+from soapflow.extract import DEFAULT_CHUNK, DEFAULT_GPU_CHUNK
+
+CHUNK_HELP = f"Images per store chunk (default: {DEFAULT_CHUNK} on CPU, {DEFAULT_GPU_CHUNK} on GPU)."
+SHARE_HELP = ("Share of JPEGs the decode processes decode with Pillow while the GPU decodes the rest (nvJPEG), "
+              "every image by its index; 0 to 1 (default on GPU: from the measured rates and --workers).")
 
 
 def extract(
@@ -19,11 +23,12 @@ def extract(
     feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
     n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (multiple of the patch size).")] = None,
-    chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
+    chunk: Annotated[Optional[int], typer.Option(help=CHUNK_HELP)] = None,
     seed: Annotated[int, typer.Option(help="Seed of synthetic images.")] = 0,
     dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
     device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes (default: 0 on CPU, 1 on GPU).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes (default: 0 on CPU, all cores but two on GPU).")] = None,
+    cpu_decode_share: Annotated[Optional[float], typer.Option(help=SHARE_HELP)] = None,
     compress: Annotated[bool, typer.Option(help="zstd on the tokens of a new store: float16 tokens shrink only to "
                                                 "~92 % and the fit reads ~5 % slower, but an object store may bill by the byte.")] = False,
 ) -> None:
@@ -34,7 +39,7 @@ def extract(
 
     store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
                                image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                               num_workers=workers, compress=compress)
+                               num_workers=workers, compress=compress, cpu_decode_share=cpu_decode_share)
     attrs = store.attrs
     console = Console(soft_wrap=True)
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
@@ -60,9 +65,10 @@ def refit(
     tau: Annotated[float, typer.Option()] = 0.05,
     gamma: Annotated[float, typer.Option()] = 1.0,
     threshold: Annotated[float, typer.Option()] = 0.75,
-    chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
+    chunk: Annotated[Optional[int], typer.Option(help=CHUNK_HELP)] = None,
     device: Annotated[Optional[str], typer.Option()] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes per extraction (default: 0 on CPU, 1 on GPU).")] = None,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes per extraction (default: 0 on CPU, all cores but two on GPU).")] = None,
+    cpu_decode_share: Annotated[Optional[float], typer.Option(help=SHARE_HELP)] = None,
     shards: Annotated[int, typer.Option(help="Parallel extraction tasks per store.")] = 1,
     workdir: Annotated[Optional[str], typer.Option(help="Where stores and artifacts go (default ~/.cache/soapflow/work).")] = None,
     out: Annotated[Optional[str], typer.Option(help="Artifact directory.")] = None,
@@ -93,7 +99,7 @@ def refit(
         result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
                       n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
                       gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
-                      num_workers=workers, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
+                      num_workers=workers, cpu_decode_share=cpu_decode_share, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
                       evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
                       dask_address=dask_address)
     console = Console(soft_wrap=True)
