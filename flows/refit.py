@@ -130,8 +130,10 @@ def refit(
     per-user registry) unless ``publish`` is false. ``evaluate_after`` (e.g. ``["knn-seg"]``)
     runs the ``evaluate`` flow on the published version, which records its results there.
     """
+    from soapflow import timeline
     from soapflow.extract import cached_backbone
 
+    timeline.mark("flow start")
     logger = get_run_logger()
     work = Path(workdir) if workdir else default_workdir()
     spec = backbone_spec(backbone, weights, layer, feature, image_size, device)
@@ -158,9 +160,12 @@ def refit(
     from prefect.runtime import flow_run
 
     lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+    real_done.result(), synth_done.result()
+    timeline.mark("extraction")
     fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
                                  gamma=gamma, threshold=threshold, dask_address=dask_address,
                                  extra_manifest={"lineage": lineage}).result()
+    timeline.mark("fit")
     result = {
         "artifact": fitted["path"],
         "content_hash": fitted["manifest"]["content_hash"],
@@ -184,7 +189,9 @@ def refit(
             result["evaluation"] = evaluate(head_ref=published["ref"], evaluations=list(evaluate_after),
                                             dataset=eval_dataset, n=eval_n, registry=published["registry"],
                                             weights=weights, device=spec["device"], progress=False)
+    timeline.mark("publish")
     _publish_prefect_artifacts(result, bb)
+    timeline.mark("prefect artifacts")
     return result
 
 

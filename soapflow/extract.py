@@ -230,6 +230,10 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
                 scheduler.submit(job)
                 try:
                     times = job.result()
+                except BaseException as e:  # Ctrl-C here, say: the device thread drops the job too
+                    job.fail(e)
+                    job.wait_finished()
+                    raise
                 finally:
                     t = time.perf_counter()
                     pool.shutdown(wait=True)  # every chunk handed over is written (and flagged) or failed

@@ -131,6 +131,11 @@ class Job:
             _close(self._it)
         self._finished.set()
 
+    def wait_finished(self, timeout: float | None = 30) -> None:
+        """Wait until the device thread has let go of the job and its producer has stopped."""
+        if self._finished.wait(timeout) and self._producer is not None:
+            self._producer.join(timeout)
+
     def result(self, timeout: float | None = None) -> JobTimes:
         if not self._finished.wait(timeout):
             raise TimeoutError(f"job {self.name} still running")

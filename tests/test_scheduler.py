@@ -258,3 +258,25 @@ def test_resumed_hybrid_extraction_equals_an_uninterrupted_one(tmp_path, bb, jpe
     with pytest.raises(SoapError, match="from 0 to 1"):
         extract_chunks(open_store_for(str(tmp_path / "bad"), bb, jpegs, chunk=3), bb, jpegs, progress=False,
                        cpu_decode_share=1.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_streams_and_pinned_ring_give_the_plain_forward():
+    # chunks from host memory (pinned, copied on the h2d stream) and made on the GPU on a producer
+    # stream, all issued before any is waited for: each ring buffer holds its own chunk's tokens
+    bb = cached_backbone("vit_small_patch16_224", "random", -1, "out", 96, "cuda")
+    io = device_io("cuda")
+    ring = io.ring(6, (4, *bb.grid, bb.dim), torch.float16)
+    producer = io.producer_stream()
+    gen = torch.Generator().manual_seed(0)
+    inputs = [torch.randn(4, 3, 96, 96, generator=gen) for _ in range(6)]
+    expected = [bb.tokens(x.cuda()).to(torch.float16).cpu().numpy() for x in inputs]
+    made = list(io.on_producer_stream(((k, x.cuda() if k % 2 else x.pin_memory()) for k, x in enumerate(inputs)),
+                                      producer))
+    hosts = [io.forward(bb, images, event, ring) for _, (images, event) in made]
+    for host, want in zip(hosts, expected):
+        tokens, finite = host.wait()
+        assert finite
+        np.testing.assert_allclose(tokens.astype(np.float32), want.astype(np.float32), rtol=0, atol=2e-2)
+        host.release()
+    assert ring.available()

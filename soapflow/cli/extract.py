@@ -79,6 +79,9 @@ def refit(
     dask_address: Annotated[Optional[str], typer.Option(help="Run tasks and the fit on this dask cluster.")] = None,
 ) -> None:
     """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
+    from soapflow import timeline
+
+    timeline.mark("imports")
     from rich.console import Console
     from rich.table import Table
 
@@ -96,12 +99,15 @@ def refit(
 
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
     with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed):
+        timeline.mark("server, model and source")
         result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
                       n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
                       gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
-                      num_workers=workers, cpu_decode_share=cpu_decode_share, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
+                      num_workers=workers, cpu_decode_share=cpu_decode_share, workdir=workdir, out=out,
+                      registry=registry, name=name, publish=publish,
                       evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
                       dask_address=dask_address)
+    timeline.mark("flow end, server stop")
     console = Console(soft_wrap=True)
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
