@@ -316,8 +316,12 @@ def main() -> None:
         if args.project and i == 0:
             per_image = (t - fixed) / n_images  # forward, input, writes and the fit, per image
             projected = fixed + per_image * 2 * args.project
-            print(f"{'projected refit of ' + f'{args.project} + {args.project}':38s}: {projected:7.1f} s   "
-                  f"(fixed {fixed:.1f} s + {1000 * per_image:.3f} ms per image, linear from this run)")
+            label = f"projected refit of {args.project} + {args.project}"
+            if per_image > 0:
+                print(f"{label:38s}: {projected:7.1f} s   (fixed {fixed:.1f} s + {1000 * per_image:.3f} ms per image, "
+                      f"linear from this run)")
+            else:
+                print(f"{label:38s}: n/a (this run is within the fixed part's noise; use a larger --n)")
         for line in stores:
             print(f"{'':38s}  {line}")
     if args.extraction:

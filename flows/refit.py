@@ -78,15 +78,23 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
     from flows.temporary_server import temporary_server
     from soapflow.extract import cached_backbone, cached_source
 
+    from soapflow import timeline
+
     server = temporary_server()
     server.start()
+    timeline.mark("server process start")
     with contextlib.suppress(Exception):
         cached_backbone(**backbone_spec(backbone, weights, layer, feature, image_size, device))
+        timeline.mark("model (torch, timm imports included)")
         cached_source(data, n_real, seed)
+        timeline.mark("source scan")
         import distributed  # noqa: F401  what the fit and its plots import, while the server starts
         import matplotlib.pyplot  # noqa: F401
+        timeline.mark("fit's imports")
+    url = server.wait_ready()
+    timeline.mark("waiting for the server")
     # no UI URL: this server serves no UI, so Prefect should not print "View at" links to it
-    with temporary_settings(updates={PREFECT_API_URL: server.wait_ready(), PREFECT_UI_URL: "",
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: "",
                                      PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield
 
@@ -133,7 +141,7 @@ def refit(
     from soapflow import timeline
     from soapflow.extract import cached_backbone
 
-    timeline.mark("flow start")
+    timeline.mark("flow run created")
     logger = get_run_logger()
     work = Path(workdir) if workdir else default_workdir()
     spec = backbone_spec(backbone, weights, layer, feature, image_size, device)

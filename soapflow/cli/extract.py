@@ -99,7 +99,7 @@ def refit(
 
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
     with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed):
-        timeline.mark("server, model and source")
+        timeline.mark("settings")
         result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
                       n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
                       gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
