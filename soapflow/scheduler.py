@@ -36,8 +36,10 @@ class Job:
     """One extraction's chunks on a ``DeviceScheduler``; ``result()`` waits for the last one."""
 
     def __init__(self, chunks: Iterable, forward: Callable, done: Callable, *, prefetch: bool = False,
-                 depth: int = 2, room: Callable[[], bool] | None = None, name: str = "job"):
+                 depth: int = 2, room: Callable[[], bool] | None = None, name: str = "job",
+                 check: Callable[[], None] | None = None):
         self.name = name
+        self.check = check  # before each of its chunks (a cancel flag's check); what it raises fails the job
         self.forward, self.done = forward, done
         self.room = room or (lambda: True)  # False while the job's writers are full
         self.prefetch = prefetch
@@ -236,6 +238,8 @@ class DeviceScheduler:
                         j.fail(e)
                 continue
             try:
+                if job.check is not None:
+                    job.check()
                 item = job._take()
                 t = time.perf_counter()
                 self._charge(t - mark, job, "input")

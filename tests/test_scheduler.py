@@ -62,13 +62,13 @@ def test_jobs_take_turns_and_keep_their_order(prefetch):
     started = threading.Event()
     # both jobs are in before the device thread looks: submit under a check that waits for the second
     scheduler = DeviceScheduler("test", check=lambda: started.wait(10))
-    jobs = [job("a", chunks("a", 5), seen, prefetch), job("b", chunks("b", 3), seen, prefetch)]
+    jobs = [job("a", chunks("a", 5), seen, prefetch, depth=8), job("b", chunks("b", 3), seen, prefetch, depth=8)]
     scheduler.order = []
     for j in jobs:
         scheduler.submit(j)
-    if prefetch:  # every chunk made and waiting: the turns alone decide the order
+    if prefetch:  # every chunk made and waiting (and the end): the turns alone decide the order
         deadline = time.time() + 10
-        while any(j._queue.qsize() < 2 for j in jobs) and time.time() < deadline:
+        while any(j._queue.qsize() < want for j, want in zip(jobs, (6, 4))) and time.time() < deadline:
             time.sleep(0.01)
     started.set()
     for j in jobs:
@@ -136,6 +136,26 @@ def test_a_failing_check_stops_every_job():
                              DeviceScheduler("test", check=check))
     assert sorted(name for name, _ in errors) == ["a", "b"] and all("cancelled" in str(e) for _, e in errors)
     assert len(order) == 3
+
+
+def test_a_jobs_own_check_stops_it_before_its_next_chunk():
+    seen = []
+    stop = threading.Event()
+
+    def check():
+        if stop.is_set():
+            raise SoapError("interrupted")
+
+    def items():
+        for k, x in chunks("a", 50):
+            if k == 4:
+                stop.set()  # Ctrl-C while chunk 4 is being made
+            yield k, x
+
+    order, errors = run_jobs([job("a", items(), seen, False, check=check), job("b", chunks("b", 3), seen, False)])
+    assert [name for name, _ in errors] == ["a"] and "interrupted" in str(errors[0][1])
+    assert [p for j, p, _ in seen if j == "a"] == [0, 1, 2, 3, 4]  # the chunk in hand is finished, no more
+    assert [p for j, p, _ in seen if j == "b"] == [0, 1, 2]
 
 
 def test_host_ring_lends_each_buffer_once():
