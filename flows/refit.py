@@ -40,7 +40,9 @@ def store_uri(workdir: Path, spec: dict, source: str, n, seed: int, chunk: int, 
     key = json.dumps({"spec": spec, "source": source, "n": n, "seed": seed, "chunk": chunk, "dtype": dtype},
                      sort_keys=True)
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
-    return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}" / f"{_slug(source)}-{digest}")
+    norm = "-norm" if spec.get("final_norm") is True else ""
+    return str(workdir / "stores" / f"{_slug(spec['name'])}-L{spec['layer']}-{spec['feature']}{norm}"
+               / f"{_slug(source)}-{digest}")
 
 
 def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, progress, cpu_decode_share=None):
@@ -52,15 +54,17 @@ def _extract(spec, uri, source, n, seed, chunk, dtype, shards, num_workers, prog
 
 
 def backbone_spec(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                  device: str | None) -> dict:
+                  device: str | None, final_norm: str | bool = "auto") -> dict:
     """The ``cached_backbone`` arguments of a refit (the same dict, so the same cached model)."""
+    from soapflow.backbones import parse_final_norm
+
     return {"name": backbone, "weights": weights, "layer": layer, "feature": feature, "image_size": image_size,
-            "device": device or default_device()}
+            "device": device or default_device(), "final_norm": parse_final_norm(final_norm)}
 
 
 @contextlib.contextmanager
 def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str, image_size: int | None,
-                    device: str | None, data: str, n_real: int | None, seed: int):
+                    device: str | None, data: str, n_real: int | None, seed: int, final_norm: str | bool = "auto"):
     """Around a one-off ``refit`` call with no ``PREFECT_API_URL`` (``soap refit``).
 
     Prefect would start its temporary server on the flow's first API call (~3 s on 2 cores),
@@ -84,7 +88,7 @@ def quick_local_run(backbone: str, weights: str | None, layer: int, feature: str
     server.start()
     timeline.mark("server process start")
     with contextlib.suppress(Exception):
-        cached_backbone(**backbone_spec(backbone, weights, layer, feature, image_size, device))
+        cached_backbone(**backbone_spec(backbone, weights, layer, feature, image_size, device, final_norm))
         timeline.mark("model (torch, timm imports included)")
         cached_source(data, n_real, seed)
         timeline.mark("source scan")
@@ -105,6 +109,7 @@ def refit(
     weights: str | None = None,
     layer: int = -1,
     feature: str = "out",
+    final_norm: str | bool = "auto",
     data: str = "photos",
     n_real: int | None = None,
     n_synth: int | None = None,
@@ -135,8 +140,9 @@ def refit(
     """Refit SOAP for one backbone/layer on real images and synthetic noise.
 
     The artifact is published to ``registry`` (default: ``$SOAPFLOW_REGISTRY`` or the
-    per-user registry) unless ``publish`` is false. ``evaluate_after`` (e.g. ``["knn-seg"]``)
-    runs the ``evaluate`` flow on the published version, which records its results there.
+    per-user registry) unless ``publish`` is false. ``final_norm`` (auto / on / off): whether the
+    tokens pass through the model's final norm (auto: at the last block only, as the authors fit).
+    ``evaluate_after`` (e.g. ``["knn-seg"]``) runs the ``evaluate`` flow on the published version, which records its results there.
     """
     from soapflow import timeline
     from soapflow.extract import cached_backbone
@@ -144,13 +150,13 @@ def refit(
     timeline.mark("flow run created")
     logger = get_run_logger()
     work = Path(workdir) if workdir else default_workdir()
-    spec = backbone_spec(backbone, weights, layer, feature, image_size, device)
+    spec = backbone_spec(backbone, weights, layer, feature, image_size, device, final_norm)
     bb = cached_backbone(**spec)  # fail fast on a bad name/weights/layer, before any task runs
-    # Stores are named by the resolved block index (the same store whether given as -1 or 11);
-    # tasks get the spec as given, so they hit the model already cached in this process.
-    named = {**spec, "layer": bb.layer}
-    logger.info("backbone %s layer %d (%s) grid %s dim %d on %s", bb.name, bb.layer, bb.feature, bb.grid, bb.dim,
-                spec["device"])
+    # Stores are named by the resolved block index and final norm (the same store whether given as
+    # -1 or 11, auto or on); tasks get the spec as given, so they hit the model already cached here.
+    named = {**spec, "layer": bb.layer, "final_norm": bb.final_norm_at()}
+    logger.info("backbone %s layer %d (%s, %s the final norm) grid %s dim %d on %s", bb.name, bb.layer, bb.feature,
+                "after" if bb.final_norm_at() else "before", bb.grid, bb.dim, spec["device"])
 
     chunk = chunk or default_chunk(spec["device"])
     real_uri = store_uri(work, named, data, n_real, seed, chunk, dtype)
@@ -167,7 +173,8 @@ def refit(
     artifact_dir = out or str(work / "artifacts" / f"{_slug(bb.name)}-L{bb.layer}")
     from prefect.runtime import flow_run
 
-    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name}
+    lineage = {"flow_run_id": str(flow_run.id) if flow_run.id else None, "flow_run_name": flow_run.name,
+               "final_norm": bb.final_norm_at()}
     real_done.result(), synth_done.result()
     timeline.mark("extraction")
     fitted = fit_artifact.submit(real_done.result()["uri"], synth_done.result()["uri"], artifact_dir, mu=mu, tau=tau,
@@ -179,6 +186,7 @@ def refit(
         "content_hash": fitted["manifest"]["content_hash"],
         "n_suppressed": fitted["manifest"]["n_suppressed"],
         "mu": fitted["manifest"]["mu"],
+        "final_norm": fitted["manifest"].get("final_norm", False),
         "top": fitted["top"],
         "stores": {"real": real_uri, "synthetic": synth_uri},
         "extraction": {"real": real_done.result(), "synthetic": synth_done.result()},
@@ -207,7 +215,8 @@ def _publish_prefect_artifacts(result: dict, bb) -> None:
     create_table_artifact(table=result["top"], key="soap-top-si-scores",
                           description=f"Top SI scores, {bb.name} layer {bb.layer}")
     lines = [
-        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature})",
+        f"# SOAP refit: {bb.name}, layer {bb.layer} ({bb.feature}, "
+        f"{'after' if result.get('final_norm') else 'before'} the final norm)",
         "",
         f"- components suppressed: **{result['n_suppressed']}** (μ = {result['mu']:g})",
         f"- artifact: `{result['artifact']}` (sha256 `{result['content_hash'][:16]}…`)",

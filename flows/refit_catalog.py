@@ -14,9 +14,10 @@ A catalog is a YAML (or JSON) file:
         layers: [-1]
         data: /data/val-images
         n_real: 2000
+        final_norm: auto                 # auto (last block only) | on | off
 
 An entry × layer is skipped when the registry already holds a version fitted from the same
-weights sha256, layer, real-data fingerprint and parameters; so dropping a new checkpoint
+weights sha256, layer, final norm, real-data fingerprint and parameters; so dropping a new checkpoint
 into the catalog is all it takes to get its projection by the next scheduled run.
 """
 
@@ -31,7 +32,7 @@ from prefect.artifacts import create_table_artifact
 from flows.refit import refit
 from soapflow.errors import SoapError
 
-ENTRY_KEYS = {"backbone", "weights", "layers", "layer", "feature", "data", "n_real", "n_synth", "generator",
+ENTRY_KEYS = {"backbone", "weights", "layers", "layer", "feature", "final_norm", "data", "n_real", "n_synth", "generator",
               "image_size", "seed", "mu", "tau", "gamma", "threshold", "chunk", "name", "device"}
 
 
@@ -74,10 +75,11 @@ def existing_version(job: dict, registry: str | None) -> str | None:
     from storage.registry import Registry
 
     bb = cached_backbone(job["backbone"], job.get("weights"), job["layer"], job.get("feature", "out"),
-                         job.get("image_size"), job.get("device") or default_device())
+                         job.get("image_size"), job.get("device") or default_device(), job.get("final_norm", "auto"))
     source = cached_source(job.get("data", "photos"), job.get("n_real"), job.get("seed", 0))
     params = {"mu": job.get("mu", 2.0), "tau": job.get("tau", 0.05), "gamma": job.get("gamma", 1.0),
-              "threshold": job.get("threshold", 0.75), "feature": bb.feature, "image_size": bb.image_size}
+              "threshold": job.get("threshold", 0.75), "feature": bb.feature, "image_size": bb.image_size,
+              "final_norm": bb.final_norm_at()}
     if params["mu"] != "auto":
         params["mu"] = float(params["mu"])
     found = Registry(registry).find_by_inputs(bb.weights_sha256, bb.layer, source_fingerprint(source), params,

@@ -9,10 +9,15 @@ pretrained tag, e.g. ``vit_base_patch16_224.mae``). soapflow never downloads any
 needs ``weights=<path>`` (a ``.safetensors`` file or a plain state dict ``.pt/.pth/.bin``) or
 ``weights="random"``.
 
-Tokens are taken with timm's ``forward_intermediates``: the output of block ``layer`` *before* the
-model's final norm, with the prefix tokens (class, registers) removed (timm splits them off using
-``model.num_prefix_tokens``). ``feature`` ``q``/``k``/``v`` are that block's attention projections
-(after any per-head q/k norm, before the softmax scale), heads merged back to ``heads * head_dim``;
+Tokens are taken with timm's ``forward_intermediates``: the output of block ``layer``, with the
+prefix tokens (class, registers) removed (timm splits them off using ``model.num_prefix_tokens``).
+``final_norm`` (SPEC §1 step 1) says whether the model's final norm (timm's ``model.norm``) is
+applied to them: ``auto`` (the default) at the last block only, so that the last block's tokens are
+``forward_features``' — what the authors fit —, ``on`` at every block, ``off`` nowhere. Models
+whose ``norm`` is an ``Identity`` (timm moves it to ``fc_norm`` after pooling) have none to apply.
+
+``feature`` ``q``/``k``/``v`` are that block's attention projections (after any per-head q/k norm,
+before the softmax scale; never normed), heads merged back to ``heads * head_dim``;
 ``kqv`` is ``[k, q, v]`` concatenated along the channel axis (3 x that width). For rotary-position
 models (EVA / DINOv3 in timm) q and k are taken before the rotary embedding is applied.
 """
@@ -37,15 +42,18 @@ from soapflow.errors import SoapError
 __all__ = [
     "BACKBONES",
     "FEATURES",
+    "FINAL_NORM",
     "Backbone",
     "BackboneEntry",
     "list_backbones",
     "load_backbone",
+    "parse_final_norm",
     "load_state_dict_file",
     "sha256_file",
 ]
 
 FEATURES = ("out", "q", "k", "v", "kqv")
+FINAL_NORM = ("auto", "on", "off")
 DEFAULT_BACKBONE = "dinov2_vits14"
 # Random initialisation seeds and draws from torch's global RNG: two threads building models
 # at once interleave their draws and both get weights that differ from weights="random"'s.
@@ -110,6 +118,16 @@ BACKBONES: dict[str, BackboneEntry] = {
 def list_backbones() -> list[str]:
     """Catalog names (any timm ViT name is accepted as well)."""
     return sorted(BACKBONES)
+
+
+def parse_final_norm(value: Any) -> str:
+    """``auto``/``on``/``off`` from a CLI string, a flow parameter or a catalog entry (YAML reads a
+    bare ``on``/``off`` as a boolean, so booleans are accepted too)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and value.strip().lower() in FINAL_NORM:
+        return value.strip().lower()
+    raise SoapError(f"final norm must be one of {', '.join(FINAL_NORM)}, got {value!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -310,10 +328,30 @@ class Backbone:
     interpolation: str = "bicubic"
     depth: int = 0
     weights_path: str | None = None
+    final_norm: str = "auto"  # the policy (FINAL_NORM); final_norm_at(layer) resolves it per block
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Whether ``forward_features`` normalizes the tokens (``model.norm`` is not an Identity)."""
+        return _has_final_norm(self.model)
+
+    def final_norm_at(self, layer: int | None = None) -> bool:
+        """Whether the tokens of block ``layer`` (default ``self.layer``) come after the final norm."""
+        if self.feature != "out" or not self.has_final_norm:
+            return False
+        policy = parse_final_norm(self.final_norm)
+        if policy == "auto":
+            return self.resolve_layer(self.layer if layer is None else layer) == self.depth - 1
+        return policy == "on"
+
+    def apply_final_norm(self, layer: int, tokens: torch.Tensor) -> torch.Tensor:
+        """``tokens`` (block ``layer``'s output, prefix tokens or not: the norm is per token) through
+        the final norm where the rule says so."""
+        return self.model.norm(tokens) if self.final_norm_at(layer) else tokens
 
     # -- helpers ---------------------------------------------------------------------------
     def resolve_layer(self, layer: int) -> int:
@@ -375,7 +413,7 @@ class Backbone:
                     x, indices=idx, output_fmt="NLC", intermediates_only=True, stop_early=True
                 )  # prefix tokens already split off by timm
                 for i, f in zip(idx, feats):
-                    out[i] = f
+                    out[i] = self.apply_final_norm(i, f)
             else:
                 captured: dict[int, torch.Tensor] = {}
                 hooks = []
@@ -436,7 +474,13 @@ class Backbone:
             "std": list(self.std),
             "interpolation": self.interpolation,
             "num_prefix_tokens": self.num_prefix_tokens,
+            "final_norm": self.final_norm_at(self.layer),
         }
+
+
+def _has_final_norm(model: torch.nn.Module) -> bool:
+    norm = getattr(model, "norm", None)
+    return isinstance(norm, torch.nn.Module) and not isinstance(norm, torch.nn.Identity)
 
 
 def _resolve_layer(layer: int, depth: int, what: str) -> int:
@@ -458,8 +502,12 @@ def load_backbone(
     feature: str = "out",
     image_size: int | None = None,
     device: str | torch.device = "cpu",
+    final_norm: str | bool = "auto",
 ) -> Backbone:
     """Build a ViT backbone, load its weights offline and return a :class:`Backbone`.
+
+    final_norm: ``auto`` / ``on`` / ``off`` (or a boolean): where the model's final norm is applied
+    to the tokens (module docstring); ``on`` for a model without one is an error.
 
     weights: None = the catalog entry's weights (an error for plain timm names: nothing is
     downloaded); ``"random"`` = random init seeded with 0; otherwise a path to a ``.safetensors``
@@ -470,6 +518,7 @@ def load_backbone(
     timm_name, entry = _resolve_name(name)
     if feature not in FEATURES:
         raise SoapError(f"unknown feature {feature!r}: use one of {', '.join(FEATURES)}")
+    final_norm = parse_final_norm(final_norm)
 
     # where the weights come from (resolved before building anything)
     weights_path: Path | None = None
@@ -550,6 +599,11 @@ def load_backbone(
         )
     depth = len(model.blocks)
     layer_r = _resolve_layer(layer, depth, timm_name)
+    if final_norm == "on" and feature == "out" and not _has_final_norm(model):
+        raise SoapError(
+            f"final norm 'on': {timm_name} has no final norm on its tokens (its norm is an Identity; "
+            "timm normalizes after pooling, in fc_norm); use --final-norm auto or off"
+        )
 
     if feature != "out":
         attn = getattr(model.blocks[layer_r], "attn", None)
@@ -600,4 +654,5 @@ def load_backbone(
         interpolation=str(cfg.get("interpolation", "bicubic")),
         depth=depth,
         weights_path=str(weights_path) if weights_path is not None else None,
+        final_norm=final_norm,
     )

@@ -97,12 +97,14 @@ class SOAPAttached(nn.Module):
     The correction is a forward hook on ``model.blocks[layer]`` that maps the patch tokens
     (everything after ``model.num_prefix_tokens``) through the head and leaves class/register
     tokens alone; every later block, the final norm and the classifier see the corrected tokens.
+    A head fitted after the final norm (``final_norm`` in its manifest; the default at the last
+    block) hooks ``model.norm`` instead: it corrects ``forward_features``' patch tokens.
     The hook is registered on ``model`` itself, so it applies to any call into the model
     (``forward``, ``forward_features``, ``forward_intermediates``) until :meth:`detach`; use
     ``with attach(...) as m:`` to scope it.
     """
 
-    def __init__(self, model: nn.Module, head: SOAPHead, layer: int):
+    def __init__(self, model: nn.Module, head: SOAPHead, layer: int, after_norm: bool = False):
         super().__init__()
         blocks = _blocks(model)
         depth = len(blocks)
@@ -118,7 +120,17 @@ class SOAPAttached(nn.Module):
         self.head = head
         self.layer = int(layer) % depth
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
-        self._handle = blocks[self.layer].register_forward_hook(self._hook)
+        self.after_norm = bool(after_norm)
+        target = blocks[self.layer]
+        if self.after_norm:
+            norm = getattr(model, "norm", None)
+            if self.layer != depth - 1 or not isinstance(norm, nn.Module) or isinstance(norm, nn.Identity):
+                raise SoapError(
+                    f"attach: the head was fitted on block {self.layer}'s tokens after the final norm, which "
+                    f"the model only computes after its last block ({depth - 1}); refit it with --final-norm auto"
+                )
+            target = norm
+        self._handle = target.register_forward_hook(self._hook)
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor) or output.ndim != 3:
@@ -132,11 +144,15 @@ class SOAPAttached(nn.Module):
         return self.model(*args, **kwargs)
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """SOAP-corrected patch tokens of block ``layer`` as ``(B, H, W, D)`` (before the final norm)."""
+        """SOAP-corrected patch tokens of block ``layer`` as ``(B, H, W, D)`` (after the final norm
+        for a head fitted there)."""
         with torch.inference_mode():
-            (feats,) = self.model.forward_intermediates(
-                images, indices=[self.layer], output_fmt="NLC", intermediates_only=True, stop_early=True
-            )
+            if self.after_norm:
+                feats = self.model.forward_features(images)[:, self.num_prefix_tokens:]
+            else:
+                (feats,) = self.model.forward_intermediates(
+                    images, indices=[self.layer], output_fmt="NLC", intermediates_only=True, stop_early=True
+                )
         b, n, d = feats.shape
         grid = getattr(getattr(self.model, "patch_embed", None), "grid_size", None)
         if grid is not None and grid[0] * grid[1] == n:
@@ -186,4 +202,4 @@ def attach(model: Any, head: SOAPHead | str, layer: int | None = None, **load_kw
             layer = bb_layer
         if layer is None:
             raise SoapError("attach: pass layer= (the head's manifest names none)")
-    return SOAPAttached(model, head, int(layer))
+    return SOAPAttached(model, head, int(layer), after_norm=bool((head.manifest or {}).get("final_norm", False)))

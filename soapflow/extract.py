@@ -39,18 +39,23 @@ def default_chunk(device: str | None) -> int:
 _BACKBONE_LOCK = threading.Lock()
 
 
-def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str):
+def cached_backbone(name: str, weights: str | None, layer: int, feature: str, image_size: int | None, device: str,
+                    final_norm: str | bool = "auto"):
     """One loaded model per process and configuration: mapped tasks reuse it. Tasks running
     at once in threads wait for one load instead of each loading (and holding) a copy."""
+    from soapflow.backbones import parse_final_norm
+
+    final_norm = parse_final_norm(final_norm)
     with _BACKBONE_LOCK:
-        return _cached_backbone(name, weights, layer, feature, image_size, device)
+        return _cached_backbone(name, weights, layer, feature, image_size, device, final_norm)
 
 
 @lru_cache(maxsize=4)
-def _cached_backbone(name, weights, layer, feature, image_size, device):
+def _cached_backbone(name, weights, layer, feature, image_size, device, final_norm):
     from soapflow.backbones import load_backbone
 
-    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device)
+    return load_backbone(name, weights=weights, layer=layer, feature=feature, image_size=image_size, device=device,
+                         final_norm=final_norm)
 
 
 @lru_cache(maxsize=16)
@@ -72,7 +77,7 @@ def store_attributes(backbone, source, dtype: str) -> dict:
     from soapflow import __version__
 
     return {
-        **backbone.info(),  # backbone, layer, feature, image_size, grid, dim, mean, std, …
+        **backbone.info(),  # backbone, layer, feature, final_norm, image_size, grid, dim, mean, std, …
         "weights": backbone.weights_sha256,
         "source": {"spec": source.spec, "kind": source.kind, **source.fingerprint},
         "fingerprint": source_fingerprint(source),
@@ -289,11 +294,12 @@ def extract(backbone_name: str, source_spec: str, out: str, *, weights: str | No
             feature: str = "out", n: int | None = None, image_size: int | None = None,
             chunk: int | None = None, seed: int = 0, dtype: str = "float16", device: str | None = None,
             num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True,
-            compress: bool = False, cpu_decode_share: float | None = None):
+            compress: bool = False, final_norm: str | bool = "auto", cpu_decode_share: float | None = None):
     """Extract one complete feature store; returns ``(store, stats)``. ``chunk``: default by device
-    (``default_chunk``); ``compress``: zstd on the tokens (a new store only)."""
+    (``default_chunk``); ``compress``: zstd on the tokens (a new store only). ``final_norm``: auto /
+    on / off (``soapflow.backbones``)."""
     device = device or default_device()
-    backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device)
+    backbone = cached_backbone(backbone_name, weights, layer, feature, image_size, device, final_norm)
     source = cached_source(source_spec, n, seed)
     # one extraction per store at a time: a second one refuses at once, naming the first
     with store_lease(out, storage_options):

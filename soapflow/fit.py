@@ -18,7 +18,7 @@ import numpy as np
 
 from soapflow import method
 from soapflow.errors import SoapError
-from storage.feature_store import FeatureStore, check_compatible
+from storage.feature_store import FeatureStore, check_compatible, final_norm_of
 
 # Images per block = this many bytes of float16 tokens (≈ 4× that once in float64): large
 # enough for efficient GEMMs, small enough for a few blocks in flight per core.
@@ -232,6 +232,7 @@ def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str)
         "weights": attrs.get("weights"),
         "layer": attrs.get("layer"),
         "feature": attrs.get("feature", "out"),
+        "final_norm": final_norm_of(attrs),
         "image_size": attrs.get("image_size"),
         "grid": list(inputs.real.grid),
         "dim": inputs.real.dim,

@@ -33,6 +33,13 @@ MANIFEST_FILE = "manifest.json"
 TENSOR_NAMES = ("projector", "mean", "components", "eigenvalues", "scores", "weights", "p", "q")
 
 
+def final_norm_of(attrs: dict) -> bool:
+    """Whether a store's or a manifest's tokens come after the model's final norm. Stores and
+    artifacts written before soapflow recorded it hold block outputs before the norm: no value
+    reads as off."""
+    return bool(attrs.get("final_norm", False))
+
+
 def sha256_file(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

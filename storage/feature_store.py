@@ -41,6 +41,7 @@ import numpy as np
 import zarr
 
 from soapflow.errors import SoapError
+from storage.artifact import final_norm_of
 
 SCHEMA_VERSION = 1
 TOKENS = "tokens"
@@ -49,9 +50,20 @@ STORE_DTYPES = ("float16", "float32")
 
 # Attributes that identify what a store holds: reopening a store to resume it with a
 # different value for any of them would mix two datasets in one array.
-IDENTITY_KEYS = ("backbone", "weights", "layer", "feature", "image_size", "source", "dtype")
+IDENTITY_KEYS = ("backbone", "weights", "layer", "feature", "final_norm", "image_size", "source", "dtype")
 # Attributes that must agree before two stores' tokens can be compared or combined.
-COMPATIBLE_KEYS = ("backbone", "weights", "layer", "feature")
+COMPATIBLE_KEYS = ("backbone", "weights", "layer", "feature", "final_norm")
+
+
+def _identity_value(attrs: dict, key: str):
+    """An identity attribute as compared; ``final_norm`` has a value even where it is absent."""
+    if key == "final_norm":
+        return final_norm_of(attrs)
+    return attrs.get(key)
+
+
+def _has_identity(attrs: dict, key: str) -> bool:
+    return key == "final_norm" or key in attrs
 
 
 def _utcnow() -> str:
@@ -558,9 +570,12 @@ class FeatureStore:
             )
         mine = self.attrs
         for key in IDENTITY_KEYS:
-            if key in attrs and key in mine and attrs[key] != mine[key]:
+            if not (_has_identity(attrs, key) and _has_identity(mine, key)):
+                continue
+            have, want = _identity_value(mine, key), _identity_value(attrs, key)
+            if have != want:
                 raise SoapError(
-                    f"feature store {self.uri} exists with {key}={mine[key]!r}, not {attrs[key]!r}; "
+                    f"feature store {self.uri} exists with {key}={have!r}, not {want!r}; "
                     "remove it or choose another --out"
                 )
 
@@ -662,6 +677,7 @@ class FeatureStore:
             "dtype": str(self.tokens.dtype),
             "source": attrs.get("source"),
             "fingerprint": attrs.get("fingerprint"),
+            "final_norm": final_norm_of(attrs),
             "created": attrs.get("created"),
         }
 
@@ -678,7 +694,10 @@ def check_compatible(a: FeatureStore, b: FeatureStore) -> None:
         raise SoapError(f"stores differ in grid: {a.uri} has {list(a.grid)}, {b.uri} has {list(b.grid)}")
     attrs_a, attrs_b = a.attrs, b.attrs
     for key in COMPATIBLE_KEYS:
-        if key in attrs_a and key in attrs_b and attrs_a[key] != attrs_b[key]:
-            raise SoapError(
-                f"stores differ in {key}: {a.uri} has {attrs_a[key]!r}, {b.uri} has {attrs_b[key]!r}"
-            )
+        if not (_has_identity(attrs_a, key) and _has_identity(attrs_b, key)):
+            continue
+        va, vb = _identity_value(attrs_a, key), _identity_value(attrs_b, key)
+        if va != vb:
+            hint = " (tokens before vs after the model's final norm; extract both with the same --final-norm)" \
+                if key == "final_norm" else ""
+            raise SoapError(f"stores differ in {key}: {a.uri} has {va!r}, {b.uri} has {vb!r}{hint}")

@@ -91,6 +91,7 @@ def export_mlflow(
                         "tau", "gamma", "threshold", "n_suppressed", "n_real_images", "n_synth_images"):
                 if manifest.get(key) is not None:
                     client.log_param(run_id, key, str(manifest[key])[:500])
+            client.log_param(run_id, "final_norm", str(bool(manifest.get("final_norm", False))))
             for key, value in _numeric_metrics(record.get("evaluations") or {}).items():
                 client.log_metric(run_id, key, value)
             with tempfile.TemporaryDirectory(prefix="soap-mlflow-") as tmp:

@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from soapflow.errors import SoapError, json_object
-from storage.artifact import MANIFEST_FILE, TENSORS_FILE, read_artifact, sha256_file, verify_artifact
+from storage.artifact import MANIFEST_FILE, TENSORS_FILE, final_norm_of, read_artifact, sha256_file, verify_artifact
 from storage.objectstore import is_url, open_store
 
 REGISTRY_SCHEMA = 1
@@ -62,7 +62,7 @@ _ALIAS = re.compile(r"[A-Za-z][A-Za-z0-9._-]{0,63}")
 _EVAL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 MAX_NAME = 200
 PARAM_KEYS = ("mu", "mu_mode", "tau", "gamma", "threshold", "suppress", "feature", "image_size")
-INPUT_KEYS = ("backbone", "weights", "layer", "feature", "image_size", "grid", "dim")
+INPUT_KEYS = ("backbone", "weights", "layer", "feature", "final_norm", "image_size", "grid", "dim")
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,8 +470,9 @@ class Registry:
                 },
                 "backbone": manifest.get("backbone"),
                 "weights": manifest.get("weights"),
+                "final_norm": final_norm_of(manifest),
             },
-            "inputs": {k: manifest.get(k) for k in INPUT_KEYS},
+            "inputs": {**{k: manifest.get(k) for k in INPUT_KEYS}, "final_norm": final_norm_of(manifest)},
             "parameters": {k: manifest.get(k) for k in PARAM_KEYS},
             "manifest": {**manifest, "name": name, "version": version},
         }
@@ -663,7 +664,8 @@ class Registry:
     ) -> list[tuple[str, int]]:
         """Versions fitted from these inputs: weights sha256 (or ``"random"``), layer, the real
         store's fingerprint, and the parameters given (``mu``, ``tau``, ``gamma``, ``threshold``,
-        ``feature``, ``image_size``, ``suppress``; ``mu="auto"`` matches auto-μ fits)."""
+        ``feature``, ``final_norm``, ``image_size``, ``suppress``; ``mu="auto"`` matches auto-μ fits;
+        a manifest without ``final_norm`` was fitted before the final norm)."""
         params = dict(params or {})
 
         def match(rec: dict) -> bool:
@@ -687,6 +689,10 @@ class Registry:
                     return False
                 if key == "feature" and want is None:
                     want = "out"
+                if key == "final_norm":
+                    if final_norm_of(m) != bool(want):
+                        return False
+                    continue
                 if not _same_value(m.get(key), want):
                     return False
             return True
@@ -729,7 +735,7 @@ def suppressed_rows(tensors: dict) -> "Any":
 
 
 DIFF_KEYS = (
-    "backbone", "weights", "layer", "feature", "image_size", "grid", "dim", "mu", "mu_mode", "tau",
+    "backbone", "weights", "layer", "feature", "final_norm", "image_size", "grid", "dim", "mu", "mu_mode", "tau",
     "gamma", "threshold", "suppress", "n_suppressed", "n_real_images", "n_synth_images",
     "stores.real.uri", "stores.real.fingerprint", "stores.synthetic.uri", "stores.synthetic.fingerprint",
 )
@@ -773,6 +779,8 @@ def diff_artifacts(a: tuple[str, Any], b: tuple[str, Any]) -> dict:
     params = {}
     for key in DIFF_KEYS:
         va, vb = _dotted(art_a.manifest, key), _dotted(art_b.manifest, key)
+        if key == "final_norm":
+            va, vb = final_norm_of(art_a.manifest), final_norm_of(art_b.manifest)
         if not _same_value(va, vb):
             params[key] = [va, vb]
     return {

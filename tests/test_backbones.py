@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -105,16 +106,15 @@ def test_default_matches_onnxruntime(default_bb, onnx_ref, size, batch):
     bb = default_bb if size == 224 else load_backbone("dinov2_vits14", image_size=size)
     g = torch.Generator().manual_seed(size)
     x = torch.randn(batch, 3, size, size, generator=g)
-    tok = bb.tokens(x)
+    tok = bb.tokens(x)  # the last block: after the final norm by default
+    before = dataclasses.replace(bb, final_norm="off").tokens(x)
     n = size // 14
     assert tok.shape == (batch, n, n, 384) and tok.dtype == torch.float32
     ref = onnx_ref(x.numpy())
     ref_block = ref["block"][:, 1:].reshape(batch, n, n, 384)
     ref_norm = ref["normed"][:, 1:].reshape(batch, n, n, 384)
-    assert rel_err(tok.numpy(), ref_block) < 2e-5
-    with torch.inference_mode():
-        normed = bb.model.norm(tok)
-    assert rel_err(normed.numpy(), ref_norm) < 2e-5
+    assert rel_err(before.numpy(), ref_block) < 2e-5
+    assert rel_err(tok.numpy(), ref_norm) < 2e-5
 
 
 def test_position_embedding_resize_is_not_antialiased(default_bb):
@@ -155,13 +155,13 @@ def test_tiny_shapes_and_prefix_dropped(size):
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(1))
     tok = bb.tokens(x)
     assert tok.shape == (3, g, g, 192) and tok.dtype == torch.float32
+    before = load_backbone("vit_tiny_patch16_224", weights="random", image_size=size, final_norm="off").tokens(x)
     with torch.inference_mode():
         seq = manual_sequence(bb.model, x, bb.layer)
         full = bb.model.forward_features(x)  # timm's own path, final norm, class token first
     assert seq.shape[1] == 1 + g * g
-    torch.testing.assert_close(tok.reshape(3, g * g, 192), seq[:, 1:], rtol=1e-5, atol=1e-5)
-    with torch.inference_mode():
-        torch.testing.assert_close(bb.model.norm(tok).reshape(3, -1, 192), full[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(before.reshape(3, g * g, 192), seq[:, 1:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tok.reshape(3, -1, 192), full[:, 1:], rtol=1e-6, atol=1e-6)
 
 
 def test_registers_dropped():
@@ -393,3 +393,69 @@ def test_original_dinov2_layout(tiny, tiny_images, tmp_path):
     torch.save({"teacher": sd, "iteration": 10}, p)
     bb = load_backbone("vit_tiny_patch16_224", weights=p)
     assert torch.equal(bb.tokens(tiny_images), tiny.tokens(tiny_images))
+
+
+# ------------------------------------------------------------------ the final norm (SPEC §1 step 1)
+
+
+def test_default_last_block_is_forward_features(default_bb):
+    """The embedded default at its default layer gives timm's forward_features patch tokens."""
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(8))
+    with torch.inference_mode():
+        full = default_bb.model.forward_features(x)[:, default_bb.num_prefix_tokens:]
+    assert default_bb.final_norm == "auto" and default_bb.info()["final_norm"] is True
+    torch.testing.assert_close(default_bb.tokens(x).reshape(full.shape), full, rtol=1e-6, atol=1e-6)
+
+
+def test_final_norm_with_registers():
+    """Register tokens: the norm applies to the patch tokens exactly as forward_features does."""
+    bb = load_backbone("vit_small_patch14_reg4_dinov2", weights="random", image_size=56)
+    x = torch.randn(2, 3, 56, 56, generator=torch.Generator().manual_seed(9))
+    with torch.inference_mode():
+        full = bb.model.forward_features(x)
+        seq = manual_sequence(bb.model, x, bb.layer)
+    assert bb.num_prefix_tokens == 5 and full.shape[1] == 5 + 16
+    torch.testing.assert_close(bb.tokens(x).reshape(2, 16, 384), full[:, 5:], rtol=1e-6, atol=1e-6)
+    off = dataclasses.replace(bb, final_norm="off")
+    torch.testing.assert_close(off.tokens(x).reshape(2, 16, 384), seq[:, 5:], rtol=1e-5, atol=1e-5)
+    assert off.info()["final_norm"] is False
+
+
+def test_final_norm_rule_per_layer(tiny, tiny_images):
+    """auto: the norm at the last block only, in tokens and tokens_multi alike; on: at every
+    block; off: nowhere. q/k/v features never get it."""
+    x = tiny_images
+    with torch.inference_mode():
+        seq = {L: manual_sequence(tiny.model, x, L)[:, 1:] for L in (3, 11)}
+        normed = {L: tiny.model.norm(s) for L, s in seq.items()}
+    expect = {"auto": {3: seq[3], 11: normed[11]}, "on": normed, "off": seq}
+    for policy, want in expect.items():
+        bb = dataclasses.replace(tiny, final_norm=policy)
+        multi = bb.tokens_multi(x, [3, -1])
+        for L in (3, 11):
+            torch.testing.assert_close(multi[L].reshape(2, -1, 192), want[L], rtol=1e-5, atol=1e-5)
+            single = load_backbone("vit_tiny_patch16_224", weights="random", layer=L, final_norm=policy)
+            assert torch.equal(single.tokens(x), multi[L])
+            assert single.info()["final_norm"] is (want[L] is normed.get(L))
+    assert load_backbone("vit_tiny_patch16_224", weights="random", final_norm=True).final_norm == "on"
+    assert load_backbone("vit_tiny_patch16_224", weights="random", final_norm=False).final_norm == "off"
+    keys = load_backbone("vit_tiny_patch16_224", weights="random", feature="k", final_norm="on")
+    plain = load_backbone("vit_tiny_patch16_224", weights="random", feature="k", final_norm="off")
+    assert keys.info()["final_norm"] is False and torch.equal(keys.tokens(x), plain.tokens(x))
+    with pytest.raises(SoapError, match="final norm must be one of auto, on, off, got 'sometimes'"):
+        load_backbone("vit_tiny_patch16_224", weights="random", final_norm="sometimes")
+
+
+def test_final_norm_without_a_norm(monkeypatch, tiny_images):
+    """A pooled model keeps its norm in fc_norm (model.norm is an Identity): its last block's tokens
+    are forward_features' without any norm, auto resolves to no norm and on is refused."""
+    monkeypatch.setitem(B.BACKBONES, "tiny_avgpool", BackboneEntry(
+        timm_name="vit_tiny_patch16_224", model_kwargs={"global_pool": "avg", "class_token": False}))
+    bb = load_backbone("tiny_avgpool", weights="random")
+    assert isinstance(bb.model.norm, torch.nn.Identity) and not bb.has_final_norm
+    assert bb.info()["final_norm"] is False
+    with torch.inference_mode():
+        full = bb.model.forward_features(tiny_images)
+    torch.testing.assert_close(bb.tokens(tiny_images).reshape(full.shape), full, rtol=1e-6, atol=1e-6)
+    with pytest.raises(SoapError, match="has no final norm"):
+        load_backbone("tiny_avgpool", weights="random", final_norm="on")

@@ -162,3 +162,27 @@ def test_load_head_from_registry_cached_and_verified(tiny, images, tmp_path, mon
     with attach(tiny, f"{name}@production", registry=str(root)) as wrapped:
         torch.testing.assert_close(wrapped.tokens(images), plain @ torch.from_numpy(p1).T, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(tiny.tokens(images), plain)
+
+
+def test_attach_head_fitted_after_the_final_norm(images):
+    """A head fitted on the last block's tokens after the final norm (the default) corrects
+    forward_features' patch tokens; one that claims the norm at an earlier block is refused."""
+    last = load_backbone("vit_tiny_patch16_224", weights="random", image_size=64)
+    model = last.model
+    assert last.final_norm_at() is True
+    head = SOAPHead(torch.from_numpy(projector()), {"layer": 11, "feature": "out", "final_norm": True})
+    with torch.inference_mode():
+        plain = model.forward_features(images)
+    plain_tokens = last.tokens(images)  # = forward_features' patch tokens
+    torch.testing.assert_close(plain_tokens.reshape(2, 16, D), plain[:, 1:], rtol=1e-6, atol=1e-6)
+    with attach(last, head) as wrapped:
+        assert wrapped.after_norm
+        torch.testing.assert_close(wrapped.tokens(images), head(plain_tokens), rtol=1e-5, atol=1e-5)
+        with torch.inference_mode():
+            full = model.forward_features(images)
+        torch.testing.assert_close(full[:, :1], plain[:, :1])  # class token untouched
+        torch.testing.assert_close(full[:, 1:], head(plain[:, 1:]), rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward_features(images), plain)  # detached
+    with pytest.raises(SoapError, match="after the final norm"):
+        attach(model, SOAPHead(torch.eye(D), {"layer": 4, "final_norm": True}))

@@ -40,6 +40,37 @@ def test_store_holds_backbone_tokens_with_provenance(tmp_path, bb):
     assert re.fullmatch(r"forward \d+ % · input \d+ % · disk \d+ % · device busy \d+ %", stats.breakdown())
 
 
+def test_last_block_store_holds_forward_features_tokens(tmp_path, bb):
+    """SPEC §1 step 1: by default the last block's store holds timm's forward_features patch tokens
+    (after the final norm); --final-norm off gives the block output as stores held it before;
+    earlier blocks are before the norm unless it is asked for."""
+    src = cached_source("photos", 6, 0)
+    x = src.batch(range(6), 64, bb.mean, bb.std)
+    model = bb.model
+    with torch.inference_mode():
+        after = model.forward_features(x)[:, 1:].reshape(6, 4, 4, 192).numpy()
+        before = dict(zip((8, 11), model.forward_intermediates(x, indices=[8, 11], output_fmt="NLC",
+                                                               intermediates_only=True)))
+        before = {k: v.reshape(6, 4, 4, 192).numpy() for k, v in before.items()}
+    close = lambda store, ref: np.testing.assert_allclose(  # noqa: E731  float16 rounding
+        store.tokens[:].astype(np.float32), ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+    cases = [("default", {}, after, True), ("off", {"final_norm": "off"}, before[11], False),
+             ("L8", {"layer": 8}, before[8], False), ("L8on", {"layer": 8, "final_norm": "on"}, None, True)]
+    for name, kw, ref, normed in cases:
+        store, _ = extract(**TINY, source_spec="photos", out=str(tmp_path / name), n=6, chunk=4, progress=False, **kw)
+        assert store.attrs["final_norm"] is normed, name
+        if ref is not None:
+            close(store, ref)
+    with torch.inference_mode():
+        close(open_store(str(tmp_path / "L8on")), model.norm(torch.from_numpy(before[8])).numpy())
+    assert not np.allclose(after, before[11], atol=1e-2)
+    from soapflow.errors import SoapError
+
+    with pytest.raises(SoapError, match="exists with final_norm=True, not False"):
+        extract(**TINY, source_spec="photos", out=str(tmp_path / "default"), n=6, chunk=4, progress=False,
+                final_norm="off")
+
+
 def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
     import soapflow.extract as ex
 
@@ -274,6 +305,15 @@ def test_cli_extract_and_bad_backbone(tmp_path):
     nonoise = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--source", "noise:pink",
                   "--out", str(tmp_path / "c"))
     assert nonoise.returncode == 2 and "Traceback" not in nonoise.stderr
+    assert "block 11 after the final norm" in ok.stdout and s.attrs["final_norm"] is True
+    off = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--source",
+              "noise:pink", "--n", "6", "--chunk", "4", "--out", str(tmp_path / "o"), "--final-norm", "off")
+    assert off.returncode == 0 and "block 11 before the final norm" in off.stdout, off.stderr
+    assert open_store(str(tmp_path / "o")).attrs["final_norm"] is False
+    badnorm = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--source", "noise:pink", "--n", "2",
+                  "--out", str(tmp_path / "x"), "--final-norm", "maybe")
+    assert badnorm.returncode == 2 and "error: final norm must be one of auto, on, off, got 'maybe'" in badnorm.stderr
+    assert "Traceback" not in badnorm.stderr
 
 
 def _refit(tmp, **kw):
@@ -293,6 +333,9 @@ def test_refit_flow_thread_pool_and_dask_runner_agree(tmp_path):
     art = read_artifact(first["artifact"])
     assert art.manifest["n_real_images"] == 12 and art.manifest["n_synth_images"] == 12
     assert art.manifest["lineage"]["flow_run_id"]
+    # the last block after the final norm (auto): in the manifest, its lineage and the store names
+    assert art.manifest["final_norm"] is True and art.manifest["lineage"]["final_norm"] is True
+    assert all("-L11-out-norm" in uri for uri in first["stores"].values())
     assert (first["extraction"]["real"]["written_images"], first["extraction"]["synthetic"]["written_images"]) == (12, 12)
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         flow = refit.with_options(task_runner=DaskTaskRunner(address=cluster.scheduler_address))

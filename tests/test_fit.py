@@ -180,6 +180,25 @@ def test_mismatched_stores_name_both_values(client, tmp_path):
         fit_stores(a, str(tmp_path / "l"), client=client, progress=False)
     with pytest.raises(SoapError, match=r"backbone: .*'test-vit', .*'other'"):
         fit_stores(a, str(tmp_path / "b"), client=client, progress=False)
+    # tokens after the final norm vs a store without the attribute (written before the norm)
+    write_store(tmp_path / "n", positional_tokens(10, d=12), chunk=5, attrs={"final_norm": True})
+    with pytest.raises(SoapError, match=r"final_norm: .*n has True, .*a has False"):
+        fit_stores(str(tmp_path / "n"), a, client=client, progress=False)
+
+
+def test_manifest_records_final_norm(client, tmp_path):
+    real, synth = positional_tokens(20, seed=0), positional_tokens(20, seed=1, scale=0.3)
+    for norm in (True, False):
+        write_store(tmp_path / f"r{norm}", real, chunk=8, attrs={"final_norm": norm})
+        write_store(tmp_path / f"s{norm}", synth, chunk=8, attrs={"final_norm": norm})
+        _, _, manifest = fit_to_artifact(str(tmp_path / f"r{norm}"), str(tmp_path / f"s{norm}"),
+                                         str(tmp_path / f"a{norm}"), plots=False, progress=False)
+        assert manifest["final_norm"] is norm and manifest["stores"]["real"]["final_norm"] is norm
+    write_store(tmp_path / "r_old", real, chunk=8)
+    write_store(tmp_path / "s_old", synth, chunk=8)
+    _, _, manifest = fit_to_artifact(str(tmp_path / "r_old"), str(tmp_path / "s_old"), str(tmp_path / "a_old"),
+                                     plots=False, progress=False)
+    assert manifest["final_norm"] is False  # stores from before the attribute: pre-norm
 
 
 def test_missing_tokens_empty_and_incomplete_stores(client, tmp_path):

@@ -249,6 +249,21 @@ def test_evaluations_find_and_diff(root, tmp_path):
     assert reg.find(lambda r: r["version"] > 1, name=NAME) == [(NAME, 2)]
 
 
+def test_final_norm_in_lineage_and_inputs(tmp_path):
+    """The final norm travels into the record (inputs, lineage), diff and find_by_inputs; a manifest
+    from before it was recorded reads as fitted before the norm."""
+    reg = Registry(tmp_path / "reg")
+    old = reg.publish(make_artifact(tmp_path / "old", seed=1))  # no final_norm in the manifest
+    new = reg.publish(make_artifact(tmp_path / "new", seed=2, final_norm=True), lineage={"flow_run_id": "x"})
+    rec_old, rec_new = reg.record(old.ref), reg.record(new.ref)
+    assert rec_old["inputs"]["final_norm"] is False and rec_old["lineage"]["final_norm"] is False
+    assert rec_new["inputs"]["final_norm"] is True and rec_new["lineage"]["final_norm"] is True
+    assert rec_new["lineage"]["flow_run_id"] == "x" and rec_new["manifest"]["final_norm"] is True
+    assert reg.find_by_inputs("random", 3, "real-fp", {"final_norm": True}) == [(NAME, 2)]
+    assert reg.find_by_inputs("random", 3, "real-fp", {"final_norm": False}) == [(NAME, 1)]
+    assert reg.diff(old.ref, new.ref)["parameters"]["final_norm"] == [False, True]
+
+
 # --------------------------------------------------------------------------------------------
 # names and refs
 
@@ -558,6 +573,7 @@ def test_export_mlflow(tmp_path, monkeypatch, capsys):
     assert read_artifact(local).content_hash == mv.tags["soapflow.content_hash"]
     run = client.get_run(mv.run_id)
     assert run.data.params["tau"] == "0.05" and run.data.metrics["spair.pck"] == pytest.approx(0.4)
+    assert run.data.params["final_norm"] == "False"  # make_artifact writes none: fitted before the norm
 
     code, out, err = _run_main(monkeypatch, capsys, *args)  # again: nothing new
     assert code == 0 and "already registered as MLflow model soap-tiny-vit.3 version 1" in out

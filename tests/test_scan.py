@@ -97,3 +97,24 @@ def test_cli_scan(tmp_path):
     res = CliRunner().invoke(app, ["scan", "--backbone", "vit_tiny_patch16_224", "--weights", "random",
                                    "--eval", "segment", "--n", "4"])
     assert isinstance(res.exception, SoapError) and "segment" in str(res.exception)
+
+
+def test_scan_applies_the_final_norm_at_the_last_block_only(tmp_path):
+    import torch
+
+    from soapflow.backbones import load_backbone
+
+    result = scan("vit_tiny_patch16_224", weights="random", layers="1,-1", image_size=32, data="fashion-mnist:train",
+                  n=4, synth_n=4, batch_size=4, work_dir=str(tmp_path / "work"), keep_work=True, progress=False)
+    bb = load_backbone("vit_tiny_patch16_224", weights="random", image_size=32)
+    from soapflow.sources import open_source
+
+    x = open_source("fashion-mnist:train", n=4, seed=0).batch(range(4), 32, bb.mean, bb.std)
+    with torch.inference_mode():
+        after = bb.model.forward_features(x)[:, 1:].reshape(4, 2, 2, 192).numpy()
+    for s in result["layers"]:
+        store = FeatureStore.open(s["stores"]["real"])
+        assert store.attrs["final_norm"] is (s["layer"] == 11) is s["final_norm"]
+        assert FeatureStore.open(s["stores"]["synthetic"]).attrs["final_norm"] is s["final_norm"]
+    np.testing.assert_allclose(FeatureStore.open(result["layers"][1]["stores"]["real"]).tokens[:].astype(np.float32),
+                               after, rtol=1e-3, atol=1e-3 * np.abs(after).max())

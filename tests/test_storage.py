@@ -156,3 +156,28 @@ def test_soap_head_applies_projector_to_raw_tokens(tmp_path):
     np.testing.assert_allclose((head(comps[4]) @ comps[4]).item(), 1.0, atol=1e-5)
     with pytest.raises(ValueError, match="D=6"):
         head(torch.randn(3, 5))
+
+
+def test_final_norm_is_part_of_a_stores_identity(tmp_path):
+    """Tokens before and after the final norm never mix: not on resume, not in a fit; a store
+    without the attribute (written before soapflow recorded it) holds pre-norm tokens."""
+    from storage.feature_store import check_compatible
+
+    tokens = positional_tokens(6)
+    old = write_store(tmp_path / "old", tokens, chunk=3)  # no final_norm attribute
+    off = write_store(tmp_path / "off", tokens, chunk=3, attrs={"final_norm": False})
+    on = write_store(tmp_path / "on", tokens, chunk=3, attrs={"final_norm": True})
+    assert "final_norm" not in old.attrs
+    assert old.describe()["final_norm"] is False and on.describe()["final_norm"] is True
+    check_compatible(old, off)  # absent reads as off
+    for a, b in ((on, off), (old, on)):
+        with pytest.raises(SoapError, match=rf"stores differ in final_norm: .*{a.uri.split('/')[-1]} has "
+                                            rf"{a.attrs.get('final_norm', False)}, .* has {b.attrs['final_norm']}"):
+            check_compatible(a, b)
+    kwargs = dict(count=6, grid=(4, 5), dim=12, chunk=3, dtype="float32")
+    with pytest.raises(SoapError, match=r"exists with final_norm=False, not True"):
+        FeatureStore.create(str(tmp_path / "old"), **kwargs, attrs={"backbone": "test-vit", "layer": 3,
+                                                                    "final_norm": True})
+    again = FeatureStore.create(str(tmp_path / "old"), **kwargs, attrs={"backbone": "test-vit", "layer": 3,
+                                                                        "final_norm": False})
+    assert again.pending_chunks() == []  # the old store resumes as the off store it is

@@ -21,6 +21,8 @@ def extract(
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
     layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
     feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block "
+                                                  "only, as forward_features and the authors), on (every block), off.")] = "auto",
     n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise).")] = None,
     image_size: Annotated[Optional[int], typer.Option(help="Input size (multiple of the patch size).")] = None,
     chunk: Annotated[Optional[int], typer.Option(help=CHUNK_HELP)] = None,
@@ -39,11 +41,13 @@ def extract(
 
     store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
                                image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                               num_workers=workers, compress=compress, cpu_decode_share=cpu_decode_share)
+                               num_workers=workers, compress=compress, final_norm=final_norm,
+                               cpu_decode_share=cpu_decode_share)
     attrs = store.attrs
     console = Console(soft_wrap=True)
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
-    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs})")
+    console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs}), block {attrs.get('layer')} "
+                  f"{'after' if attrs.get('final_norm') else 'before'} the final norm")
     console.print(f"wrote {stats.images} images in {stats.chunks} chunks ({stats.images_per_second:.1f} img/s: "
                   f"{stats.breakdown()}); skipped files: {attrs.get('n_skipped', 0)}")
     for item in (attrs.get("skipped") or [])[:10]:
@@ -55,6 +59,8 @@ def refit(
     weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
     layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
     feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block "
+                                                  "only, as forward_features and the authors), on (every block), off.")] = "auto",
     data: Annotated[str, typer.Option(help="Real images: folder, 'photos', 'fashion-mnist[:split]'.")] = "photos",
     n_real: Annotated[Optional[int], typer.Option(help="Real images to use (default: all).")] = None,
     n_synth: Annotated[Optional[int], typer.Option(help="Synthetic images (default: as many as real).")] = None,
@@ -93,14 +99,18 @@ def refit(
     if tau <= 0:
         raise SoapError(f"--tau must be > 0, got {tau}")
     mu_value = parse_mu(mu)
+    from soapflow.backbones import parse_final_norm
+
+    final_norm = parse_final_norm(final_norm)
     flow = refit_flow
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed):
+    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed, final_norm):
         timeline.mark("settings")
-        result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, data=data, n_real=n_real,
+        result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
+                      data=data, n_real=n_real,
                       n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
                       gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
                       num_workers=workers, cpu_decode_share=cpu_decode_share, workdir=workdir, out=out,

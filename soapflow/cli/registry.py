@@ -168,6 +168,7 @@ def show(
     c.print(f"  sha256:      {rec['content_hash']}")
     c.print(f"  published:   {rec.get('published')}  supersedes: {rec.get('supersedes') or '-'}")
     c.print(f"  backbone:    {m.get('backbone')}  layer {m.get('layer')}  feature {m.get('feature')}  "
+            f"{'after' if m.get('final_norm') else 'before'} the final norm  "
             f"image size {m.get('image_size')}  grid {m.get('grid')}  D={m.get('dim')}")
     c.print(f"  weights:     {m.get('weights')}")
     c.print(f"  parameters:  μ={m.get('mu')} ({m.get('mu_mode')})  τ={m.get('tau')}  γ={m.get('gamma')}  "

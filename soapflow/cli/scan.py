@@ -14,6 +14,7 @@ def scan(
     weights: Annotated[Optional[str], typer.Option(help="Weights file, or 'random' (non-catalog backbones).")] = None,
     layers: Annotated[str, typer.Option(help="all, last, or block indices like 4,8,11.")] = "all",
     feature: Annotated[str, typer.Option(help="out, q, k, v or kqv.")] = "out",
+    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (last block only), on (every block), off.")] = "auto",
     image_size: Annotated[Optional[int], typer.Option(help="Input size (default: the backbone's).")] = None,
     data: Annotated[str, typer.Option(help="Real images: photos, fashion-mnist[:train], a folder.")] = "fashion-mnist:train",
     n: Annotated[int, typer.Option("--n", help="Real images.")] = 256,
@@ -53,7 +54,8 @@ def scan(
         raise SoapError(f"--tau must be > 0, got {tau}")
     evaluations = [e.strip() for e in eval.split(",") if e.strip()]
     result = run_scan(
-        backbone, weights=weights, layers=layers, feature=feature, image_size=image_size, data=data, n=n,
+        backbone, weights=weights, layers=layers, feature=feature, final_norm=final_norm, image_size=image_size,
+        data=data, n=n,
         synth=synth, synth_n=synth_n, seed=seed, mu=parse_mu(mu), tau=tau, threshold=threshold,
         batch_size=batch_size, dtype=dtype, work_dir=work_dir, keep_work=work_dir is not None,
         artifacts_dir=artifacts, evaluations=evaluations, eval_data=eval_data, eval_n=eval_n, bank=bank,

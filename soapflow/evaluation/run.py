@@ -67,6 +67,7 @@ class EvalContext:
             "weights": m.get("weights"),
             "layer": self.backbone.layer,
             "feature": self.backbone.feature,
+            "final_norm": self.backbone.final_norm_at(),
             "image_size": self.backbone.image_size,
             "fit_image_size": m.get("image_size"),
             "grid": list(self.backbone.grid),
@@ -112,8 +113,12 @@ def backbone_for_manifest(manifest: dict, *, weights: str | None = None, image_s
     want = manifest.get("weights")
     if weights is None and want == "random":
         weights = "random"
+    from storage.artifact import final_norm_of
+
+    # the tokens the head was fitted on: after the final norm or not, as recorded (absent = before)
     bb = load_backbone(name, weights=weights, layer=int(mlayer), feature=manifest.get("feature") or "out",
-                       image_size=image_size or manifest.get("image_size"), device=device)
+                       image_size=image_size or manifest.get("image_size"), device=device,
+                       final_norm="on" if final_norm_of(manifest) else "off")
     if want and bb.weights_sha256 != want:
         raise SoapError(
             f"the head was fitted on {name} weights sha256 {str(want)[:16]}…, but the loaded weights are "

@@ -100,6 +100,7 @@ def _store_attrs(bb, source, layer: int, dtype: str) -> dict:
         attrs = {"backbone": bb.name, "weights": bb.weights_sha256, "feature": bb.feature,
                  "image_size": bb.image_size, "source": {"spec": source.spec, **source.fingerprint}}
     attrs["layer"] = int(layer)
+    attrs["final_norm"] = bb.final_norm_at(layer)
     return attrs
 
 
@@ -276,6 +277,7 @@ def scan(
     weights: str | None = None,
     layers="all",
     feature: str = "out",
+    final_norm: str | bool = "auto",
     image_size: int | None = None,
     data: str = "fashion-mnist:train",
     n: int = 256,
@@ -318,7 +320,8 @@ def scan(
     if n < 2:
         raise SoapError(f"--n must be ≥ 2 real images, got {n}")
     t0 = time.perf_counter()
-    bb = load_backbone(backbone, weights=weights, layer=-1, feature=feature, image_size=image_size, device=device)
+    bb = load_backbone(backbone, weights=weights, layer=-1, feature=feature, image_size=image_size, device=device,
+                       final_norm=final_norm)
     layer_list = parse_layers(layers, bb.depth)
     real_src = open_source(data, n=n, seed=seed)
     synth_src = open_source(synth, n=synth_n or n, seed=seed)
@@ -356,7 +359,7 @@ def scan(
         if own_work and not keep_work:
             shutil.rmtree(work, ignore_errors=True)
 
-    summaries = [fits[l].summary() for l in layer_list]
+    summaries = [{**fits[l].summary(), "final_norm": bb.final_norm_at(l)} for l in layer_list]
     if keep_work or not own_work:
         for s in summaries:
             s["stores"] = {"real": fits[s["layer"]].real_uri, "synthetic": fits[s["layer"]].synth_uri}
@@ -406,7 +409,8 @@ def _evaluate_layers(bb, fits: dict[int, LayerFit], evaluations, *, eval_data, e
     for l in layers:
         fit = fits[l]
         manifest = {"backbone": bb.name, "weights": bb.weights_sha256, "layer": l, "feature": bb.feature,
-                    "image_size": bb.image_size, "mu": fit.fit.mu, "name": f"scan:{bb.name}/L{l}"}
+                    "final_norm": bb.final_norm_at(l), "image_size": bb.image_size, "mu": fit.fit.mu,
+                    "name": f"scan:{bb.name}/L{l}"}
         head = SOAPHead(torch.from_numpy(fit.fit.projector.astype(np.float32)), manifest)
         ctx = R.EvalContext(head, manifest, f"scan:L{l}", False, dataclasses.replace(bb, layer=l))
         reports[l] = {}

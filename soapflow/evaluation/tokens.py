@@ -2,8 +2,9 @@
 optional on-disk cache so several evaluations (and raw vs SOAP) reuse one extraction.
 
 Cache layout: ``<cache_dir>/<key>/L<layer>.npy`` (``(N, H, W, D)``), ``C<layer>.npy`` (class
-tokens ``(N, D)``) and ``L<layer>.json`` (written last: the completion marker). ``key`` hashes
-the backbone (name, weights sha256, image size, feature) and the data (fingerprint, count).
+tokens ``(N, D)``) and ``L<layer>.json`` (written last: the completion marker); tokens after the
+final norm are ``L<layer>n.*`` / ``C<layer>n.npy``, so heads fitted either way share one cache.
+``key`` hashes the backbone (name, weights sha256, image size, feature) and the data (fingerprint, count).
 Cached tokens are float16 by default (half the disk; a relative rounding error of ~5e-4 that
 does not matter for cosine affinities or kNN); in-memory extraction is float32.
 """
@@ -56,6 +57,8 @@ def forward_tokens(bb, images: torch.Tensor, layers, with_cls: bool = False):
     for i, (spatial, prefix) in zip(idx, feats):
         if spatial.shape[1] != h * w:
             raise SoapError(f"{bb.timm_name}: got {spatial.shape[1]} patch tokens, expected {h}x{w}")
+        with torch.inference_mode():  # the final norm where bb's rule applies it (per token)
+            spatial, prefix = bb.apply_final_norm(i, spatial), bb.apply_final_norm(i, prefix)
         toks[i] = spatial.float().reshape(b, h, w, -1).cpu().numpy()
         cls[i] = prefix[:, 0].float().cpu().numpy()
     return toks, cls
@@ -74,8 +77,13 @@ def cache_key(bb, data, count: int) -> str:
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
-def _cached(path: str, layer: int, with_cls: bool) -> bool:
-    marker = os.path.join(path, f"L{layer}.json")
+def _stem(bb, layer: int) -> str:
+    """File stem of a block's cached tokens: ``L<layer>``, with ``n`` after the final norm."""
+    return f"L{layer}" + ("n" if bb.final_norm_at(layer) else "")
+
+
+def _cached(path: str, stem: str, with_cls: bool) -> bool:
+    marker = os.path.join(path, f"{stem}.json")
     if not os.path.isfile(marker):
         return False
     try:
@@ -119,7 +127,7 @@ def extract_tokens(
         key = cache_key(bb, data, count)
         path = os.path.join(cache_dir, key)
         os.makedirs(path, exist_ok=True)
-        todo = [l for l in layers if not _cached(path, l, with_cls)]
+        todo = [l for l in layers if not _cached(path, _stem(bb, l), with_cls)]
     want_cls = with_cls and bb.feature == "out" and bb.num_prefix_tokens >= 1
 
     arrays: dict[int, np.ndarray] = {}
@@ -129,11 +137,13 @@ def extract_tokens(
         for l in todo:
             if path is not None:
                 arrays[l] = np.lib.format.open_memmap(
-                    os.path.join(path, f"L{l}.npy"), mode="w+", dtype=store_dtype, shape=(count, h, w, bb.dim)
+                    os.path.join(path, f"{_stem(bb, l)}.npy"), mode="w+", dtype=store_dtype,
+                    shape=(count, h, w, bb.dim)
                 )
                 if want_cls:
                     cls_arrays[l] = np.lib.format.open_memmap(
-                        os.path.join(path, f"C{l}.npy"), mode="w+", dtype=store_dtype, shape=(count, bb.dim)
+                        os.path.join(path, f"C{_stem(bb, l)[1:]}.npy"), mode="w+", dtype=store_dtype,
+                        shape=(count, bb.dim)
                     )
             else:
                 arrays[l] = np.empty((count, h, w, bb.dim), dtype=store_dtype)
@@ -158,14 +168,15 @@ def extract_tokens(
                 arrays[l].flush()
                 if want_cls:
                     cls_arrays[l].flush()
-                with open(os.path.join(path, f"L{l}.json"), "w") as f:
+                with open(os.path.join(path, f"{_stem(bb, l)}.json"), "w") as f:
                     json.dump({"complete": True, "cls": want_cls, "count": count, "layer": l,
-                               "data": getattr(data, "spec", None), "dtype": str(np.dtype(dtype))}, f)
+                               "final_norm": bb.final_norm_at(l), "data": getattr(data, "spec", None),
+                               "dtype": str(np.dtype(dtype))}, f)
     if path is not None:
         for l in layers:
             if l not in arrays:
-                arrays[l] = np.load(os.path.join(path, f"L{l}.npy"), mmap_mode="r")
-                cfile = os.path.join(path, f"C{l}.npy")
+                arrays[l] = np.load(os.path.join(path, f"{_stem(bb, l)}.npy"), mmap_mode="r")
+                cfile = os.path.join(path, f"C{_stem(bb, l)[1:]}.npy")
                 if want_cls and os.path.isfile(cfile):
                     cls_arrays[l] = np.load(cfile, mmap_mode="r")
     return TokenSet(tokens={l: arrays[l] for l in layers}, cls={l: cls_arrays[l] for l in layers if l in cls_arrays}, key=key)
