@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from soapflow.device_io import HostRing, device_io
+from soapflow.device_io import DeviceIO, HostRing, HostTokens, device_io
 from soapflow.errors import SoapError
 from soapflow.extract import (
     cached_backbone,
@@ -195,6 +195,49 @@ def test_slow_writes_with_a_small_ring_give_the_same_store(tmp_path, bb, monkeyp
     stats = extract_chunks(slow, bb, src, progress=False, writers=1, read_ahead=True)
     assert stats.chunks == 7 and slow.pending_chunks() == []
     np.testing.assert_array_equal(slow.tokens[:], plain.tokens[:])
+
+
+class _LateCopy:
+    """A fake device's copy to the host: it lands only when waited for, some time later."""
+
+    def __init__(self, land):
+        self.land = land
+
+    def synchronize(self):
+        time.sleep(0.02)
+        self.land()
+
+
+class _AsyncCopyIO(DeviceIO):
+    """A CPU whose tokens reach the ring asynchronously, as from a GPU's d2h stream."""
+
+    def forward(self, backbone, images, ready, ring, tokens_of=None):
+        slot = ring.acquire()
+        out, finite = ring.buffer(slot)
+        out.fill_(float("nan"))  # what a reader that did not wait would see
+        tokens = backbone.tokens(images)
+        rows = len(tokens)
+
+        def land():
+            out[:rows].copy_(tokens)
+            finite.fill_(True)
+
+        return HostTokens(ring, slot, rows, _LateCopy(land))
+
+
+def test_writes_wait_for_the_copy_to_the_host(tmp_path, bb, monkeypatch):
+    # stream ordering on a fake device: a writer that read its ring buffer before the copy out had
+    # landed would write NaNs (refused) or another chunk's tokens
+    import soapflow.device_io as dio
+
+    src = cached_source("noise:pink", 10, 0)
+    plain = open_store_for(str(tmp_path / "plain"), bb, src, chunk=2)
+    extract_chunks(plain, bb, src, progress=False)
+    monkeypatch.setitem(dio._IO, "cpu", _AsyncCopyIO("cpu"))
+    late = open_store_for(str(tmp_path / "late"), bb, src, chunk=2)
+    stats = extract_chunks(late, bb, src, progress=False, writers=3, read_ahead=True)
+    assert stats.chunks == 5 and late.pending_chunks() == []
+    np.testing.assert_array_equal(late.tokens[:], plain.tokens[:])
 
 
 @pytest.mark.parametrize("writers", [1, 4])
