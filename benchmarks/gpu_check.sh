@@ -7,7 +7,7 @@
 #      the same images (goal: ≥ 6000 img/s);
 #   3. a whole `soap refit` of NR + NR at default settings, its fixed part (a refit of one chunk per
 #      store) broken down by phase, and the projected wall time of 50 000 + 50 000 (goal ≤ 60 s).
-#   bash benchmarks/gpu_check.sh [N [NR]]        (defaults: 8000, 4000)
+#   bash benchmarks/gpu_check.sh [N [NR]]        (defaults: 8000, 2000)
 #   bash benchmarks/gpu_check.sh --cpu-dry-run   (the same steps on a CPU, with a tiny ViT at 32 px on
 #                                                 64 + 64 and 32 + 32 images: that it runs end to end)
 # Logs go to $OUT (default /tmp/soapflow-gpu-check). Packages the machine lacks (prefect, zarr,
@@ -27,7 +27,7 @@ if [ $DRY = 1 ]; then
   export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
   T_TESTS=600 T_EXTRACT=600 T_REFIT=900
 else
-  N=${1:-8000}; NR=${2:-4000}
+  N=${1:-8000}; NR=${2:-2000}
   T_TESTS=120 T_EXTRACT=150 T_REFIT=180
   MODEL=(--device cuda --backbone vit_base_patch16_224 --weights random)
   if [ -d .whl ]; then
