@@ -40,7 +40,7 @@ else
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 export PREFECT_HOME=$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false
-echo "cores: $(nproc)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+echo "cores: $(nproc --all)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
 $PY -c "import sys, torch, torchvision, timm, prefect, zarr, dask; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'prefect', \
 prefect.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())"

@@ -280,7 +280,9 @@ def main() -> None:
         fixed_wall, fixed_lines = refit_wall(args, small)
         fixed = fixed_wall - pure_forward(args, small)[0]
         fixed_timeline = fixed_lines[-1] if fixed_lines and fixed_lines[-1].startswith("timeline: ") else None
+        print(f"(so far: pure forward {forwards[0]:.1f} s, fixed part {fixed:.1f} s)", file=sys.stderr, flush=True)
         rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n)))
+        print(f"(so far: refit {rows[-1][1]:.1f} s)", file=sys.stderr, flush=True)
         forwards.append(pure_forward(args, args.n)[0])
     if args.server_run and not args.no_refit:
         with prefect_server() as url:
