@@ -24,7 +24,7 @@ if [ $DRY = 1 ]; then
   N=${1:-64}; NR=${2:-32}
   MODEL=(--device cpu --backbone vit_tiny_patch16_224 --weights random --image-size 32 --chunk 16)
   # a shared CPU: one OpenMP thread, which a busy machine cannot stall, and time to spare
-  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=300
   T_TESTS=600 T_EXTRACT=600 T_REFIT=900
 else
   N=${1:-8000}; NR=${2:-2000}
