@@ -87,7 +87,7 @@ def refit(
     """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
     from soapflow import timeline
 
-    timeline.mark("imports")
+    timeline.mark("start, CLI imports")
     from rich.console import Console
     from rich.table import Table
 
@@ -95,6 +95,8 @@ def refit(
     from flows.refit import quick_local_run
     from soapflow.errors import SoapError
     from soapflow.extract import TIMINGS, ExtractStats
+
+    timeline.mark("prefect and flow imports")
 
     if tau <= 0:
         raise SoapError(f"--tau must be > 0, got {tau}")
