@@ -4,8 +4,10 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.soapflow-installed
 DEBS   := dataset-fashion-mnist opencv-doc
+# what the tests drive besides Python: a headless browser renders the HTML reports
+TEST_DEBS := chromium
 
-.PHONY: setup debs test run bench clean
+.PHONY: setup debs test-debs test run bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,7 +27,15 @@ debs:
 
 setup: $(STAMP) debs
 
-test: setup
+# The tests fail (they do not skip) without these, so install them when we may.
+test-debs:
+	@if dpkg -s $(TEST_DEBS) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(TEST_DEBS) >/dev/null) \
+	  || echo "warning: could not install $(TEST_DEBS); the browser tests will fail"; \
+	else echo "note: not root; run 'sudo apt-get install $(TEST_DEBS)' for the browser tests"; fi
+
+test: setup test-debs
 	$(BIN)/pytest -q
 
 run: setup

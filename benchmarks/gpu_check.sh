@@ -61,4 +61,5 @@ echo "== whole soap refit, $NR JPEGs + $NR noise images; projected 50000 + 50000
 timeout $T_REFIT $PY benchmarks/refit.py "${MODEL[@]}" --jpegs --n "$NR" --project 50000 \
   2>&1 | tee "$OUT/refit.log" | tail -12
 rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "(exit $rc)"; status=1; }
+[ $DRY = 1 ] || bash benchmarks/fit_check.sh  # the fit (issue 17): CUDA tests, fit.py --scale
 exit $status

@@ -12,21 +12,64 @@ import warnings
 # into a multi-line warning on stderr.
 warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
 
+# Share of the memory available at start that a local cluster's tasks may hold at once: the
+# rest is for the process itself, page cache and whatever else runs (an extraction, say).
+MEMORY_FRACTION = 0.5
 
-MAX_LOCAL_THREADS = int(os.environ.get("SOAPFLOW_FIT_THREADS", "4"))  # memory grows with blocks in flight; more threads rarely help a 2-pass GEMM
+
+def bounded_count(wanted: int, available_bytes: float, bytes_each: float, fraction: float = MEMORY_FRACTION) -> int:
+    """How many of ``wanted`` concurrent tasks of ``bytes_each`` fit in ``fraction`` of ``available_bytes`` (≥ 1)."""
+    if bytes_each <= 0:
+        return max(1, wanted)
+    return max(1, min(wanted, int(fraction * available_bytes // bytes_each)))
+
+
+def machine() -> tuple[int, int]:
+    """Cores this process may use (affinity and cgroup quota) and bytes of memory available now."""
+    import psutil
+    from dask.system import CPU_COUNT
+    from distributed.system import MEMORY_LIMIT
+
+    return CPU_COUNT, int(min(psutil.virtual_memory().available, MEMORY_LIMIT))
+
+
+def local_threads(thread_bytes: float = 0) -> int:
+    """Task threads of a local cluster: ``$SOAPFLOW_FIT_THREADS``, else one per core as long as
+    each thread's ``thread_bytes`` of blocks in flight fit in ``MEMORY_FRACTION`` of free memory.
+
+    Within one refit the fit never meets the extraction (it starts on finalized stores). Beside
+    an extraction in another process the two share the cores as any two programs do: the fit's
+    threads run single-threaded BLAS, so it adds one runnable thread per core, and its memory
+    stays within the share of what was free when it started (``benchmarks/fit.py --scale``'s
+    ``load`` run prints both slow-downs)."""
+    override = os.environ.get("SOAPFLOW_FIT_THREADS")
+    if override:
+        try:
+            threads = int(override)
+        except ValueError:
+            threads = 0
+        if threads < 1:
+            from soapflow.errors import SoapError
+
+            raise SoapError(f"SOAPFLOW_FIT_THREADS must be a whole number ≥ 1, got {override!r}")
+        return threads
+    cores, available = machine()
+    return bounded_count(cores, available, thread_bytes)
 
 
 @contextlib.contextmanager
-def dask_client(address: str | None = None, workers: int = 1, processes: bool = False):
+def dask_client(address: str | None = None, workers: int = 1, processes: bool = False, *,
+                threads: int | None = None, thread_bytes: float | None = None):
     """Yield a ``distributed.Client``.
 
-    The local default is one worker in this process with one task thread per core (at most
-    ``MAX_LOCAL_THREADS``) and single-threaded BLAS while the cluster runs: the casts,
-    subtractions and reads between GEMMs then keep every core busy too (~18% faster
-    than one thread with multi-threaded BLAS on 2 cores). Memory is a few blocks per thread,
-    whatever the store's size. BLAS results do not depend on its thread count, so neither
-    does the artifact. Pass ``workers``/``processes`` for a wider local cluster (dask's
-    worker processes run single-threaded BLAS by default), or ``address`` to use a running one.
+    The local default is one worker in this process with ``local_threads(thread_bytes)``
+    task threads (one per core, fewer where memory is short) and single-threaded BLAS while
+    the cluster runs: the casts, subtractions and reads between GEMMs then keep every core
+    busy too, which multi-threaded BLAS on fewer task threads does not. Memory is
+    ``thread_bytes`` per thread (default: a fit leaf's, ``soapflow.fit.LEAF_BYTES``), whatever
+    the store's size. BLAS results do not depend on its thread count, so neither does the
+    artifact. Pass ``workers``/``processes`` for a wider local cluster (one task thread per
+    worker process), or ``address`` to use a running one.
     """
     from distributed import Client, LocalCluster
 
@@ -38,7 +81,10 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
         return
     from threadpoolctl import threadpool_limits
 
-    threads = 1 if processes else max(1, min(os.cpu_count() or 1, MAX_LOCAL_THREADS))
+    if threads is None:
+        if thread_bytes is None:
+            from soapflow.fit import LEAF_BYTES as thread_bytes
+        threads = 1 if processes else local_threads(thread_bytes)
     blas = 1 if threads > 1 else None  # None: leave BLAS its own threads
     with threadpool_limits(limits=blas, user_api="blas"), LocalCluster(
         n_workers=workers,

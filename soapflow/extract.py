@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
+from soapflow import cancel
 from soapflow.errors import SoapError
 from storage.feature_store import FeatureStore, store_lease
 
@@ -227,8 +228,9 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
                 return
             pool.submit(write, position, host)
 
+        # Ctrl-C: the job stops before its next chunk; the chunks written so far stay flagged
         job = Job(loader, lambda item: io.forward(backbone, item[0], item[1], ring), done, prefetch=read_ahead,
-                  room=ring.available, name=f"{source.spec}")
+                  room=ring.available, name=f"{source.spec}", check=cancel.check)
         start = time.perf_counter()
         try:  # close the bar even on failure: an error message then starts on a line of its own
             with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="store-writer") as pool:

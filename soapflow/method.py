@@ -73,36 +73,94 @@ def principal_components(m: Moments) -> tuple[np.ndarray, np.ndarray]:
 
 
 def activation_counts(tokens: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """``Σ_images 1[(z − m)·v_d > 0]`` per position and component: an int64 ``(H, W, D)`` array.
+    """``Σ_images 1[(z − m)·v_d > 0]`` per position and component: an int64 ``(H, W, K)`` array
+    for ``K`` components (unit rows; ``K = D`` in a fit, fewer to score chosen directions).
 
-    Counts add up exactly, so response maps do not depend on chunking either. Only signs
-    matter, so float16/float32 tokens are projected in float32 (twice the GEMM speed) and the
-    few projections within float32's error bound of zero are recomputed in float64.
+    Counts add up exactly, so response maps do not depend on chunking either. Each sign is
+    the exact sign of ``(z − m)·v`` for the float64 ``m`` and ``v``: float16/float32 tokens are
+    projected in float32 (twice the GEMM speed), the few projections within float32's error
+    bound of zero are recomputed in float64, and those within float64's bound exactly. So the
+    decisions do not depend on BLAS, summation order or device (``soapflow.fit_device`` makes
+    the same ones in torch).
     """
     tokens = np.asarray(tokens)
     z = tokens.reshape(-1, tokens.shape[-1])
     if z.dtype in (np.float16, np.float32):
         signs = _projection_signs_f32(z, mean, components)
     else:
-        signs = np.subtract(z, mean, dtype=np.float64) @ components.T > 0
-    return np.count_nonzero(signs.reshape(tokens.shape), axis=0).astype(np.int64)
+        a = np.subtract(z, mean, dtype=np.float64)
+        projections = a @ components.T
+        signs = projections > 0
+        rows, cols = np.nonzero(np.abs(projections, out=projections) <= f64_bound(np.linalg.norm(a, axis=1), z.shape[1])[:, None])
+        signs[rows, cols] = exact_signs(z[rows], mean, components[cols])
+    return np.count_nonzero(signs.reshape(*tokens.shape[:-1], -1), axis=0).astype(np.int64)
+
+
+# Rounding error of a dot product of length D, in any summation order (so any BLAS, any GPU),
+# is at most γ_D·Σ|a_i v_i| (γ_D = D·u/(1 − D·u)) ≤ γ_D·‖a‖ by Cauchy–Schwarz (‖v‖ = 1);
+# rounding the mean, the subtraction and v adds a few u, underflow at most D·tiny. Beyond the
+# bound the computed sign is the exact one. The 1.01 covers ‖v‖ ≠ 1 and the norms' own error.
+def f32_bound(row_norms, mean_norm: float, d: int):
+    """Error bound of float32 ``(z − fl32(m))·fl32(v)`` per row, given float32 row norms of ``a``."""
+    u = float(np.finfo(np.float32).eps) / 2
+    gamma = d * u / (1 - d * u)
+    return 1.01 * ((gamma + 4 * u) * row_norms + 2 * u * mean_norm) + d * float(np.finfo(np.float32).tiny)
+
+
+def f64_bound(row_norms, d: int):
+    """Error bound of float64 ``(z − m)·v`` per row, given the row norms of the computed ``z − m``."""
+    u = float(np.finfo(np.float64).eps) / 2
+    gamma = d * u / (1 - d * u)
+    return 1.01 * (gamma + 2 * u) * row_norms + d * float(np.finfo(np.float64).tiny)
 
 
 def _projection_signs_f32(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    # Rounding error of a float32 dot product of length D, in any summation order, is at most
-    # γ_D·Σ|a_i v_i| (γ_D = D·u/(1 − D·u)); rounding the mean, the subtraction and v adds a few u.
-    # Cauchy–Schwarz bounds the sums by row norms (‖v‖ = 1). Beyond the bound the sign is certain.
-    u = np.finfo(np.float32).eps / 2
     d = z.shape[1]
     a = np.subtract(z, mean.astype(np.float32), dtype=np.float32)
     projections = a @ components.astype(np.float32).T
-    gamma = d * u / (1 - d * u)
-    bound = 1.01 * ((gamma + 4 * u) * np.linalg.norm(a, axis=1) + 2 * u * np.linalg.norm(mean))
+    bound = f32_bound(np.linalg.norm(a, axis=1), float(np.linalg.norm(mean)), d)
     signs = projections > 0
     rows, cols = np.nonzero(np.abs(projections, out=projections) <= bound[:, None])
-    for start in range(0, len(rows), 1 << 14):  # uncertain entries: a small fraction, exactly in float64
-        r, c = rows[start : start + (1 << 14)], cols[start : start + (1 << 14)]
-        signs[r, c] = np.einsum("ij,ij->i", np.subtract(z[r], mean, dtype=np.float64), components[c]) > 0
+    # uncertain entries (a small fraction), one component at a time: gathering a float64
+    # component row per entry would cost more than the float32 GEMM
+    order = np.argsort(cols, kind="stable")
+    edges = np.searchsorted(cols[order], np.arange(len(components) + 1))
+    for c in np.nonzero(np.diff(edges))[0]:
+        entries = order[edges[c] : edges[c + 1]]
+        signs[rows[entries], c] = recheck_signs(z[rows[entries]], mean, components[c])
+    return signs
+
+
+def recheck_signs(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """Exact signs of ``(z_i − m)·v_i`` for paired rows (or one component ``v`` for all):
+    float64 where its bound decides, else exactly."""
+    a = np.subtract(z, mean, dtype=np.float64)
+    projections = a @ components if components.ndim == 1 else np.einsum("ij,ij->i", a, components)
+    signs = projections > 0
+    uncertain = np.nonzero(np.abs(projections) <= f64_bound(np.linalg.norm(a, axis=1), z.shape[1]))[0]
+    if len(uncertain):
+        v = np.broadcast_to(components, z.shape) if components.ndim == 1 else components[uncertain]
+        signs[uncertain] = exact_signs(z[uncertain], mean, v[uncertain] if components.ndim == 1 else v)
+    return signs
+
+
+def exact_signs(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
+    """``(z_i − m)·v_i > 0`` in exact rational arithmetic, for paired rows (the rare ties of float64).
+
+    A token equal to the mean (z − m = 0 in float64 only when exactly so) is 0: not active.
+    """
+    from fractions import Fraction
+
+    signs = np.zeros(len(z), dtype=bool)
+    if not len(z):
+        return signs
+    a = np.subtract(z, mean, dtype=np.float64)
+    m = [Fraction(x) for x in np.asarray(mean, np.float64).tolist()]
+    for i in np.nonzero(np.any(a != 0, axis=1))[0]:
+        zi = np.asarray(z[i], np.float64).tolist()
+        vi = np.asarray(components[i], np.float64).tolist()
+        total = sum((Fraction(x) - mx) * Fraction(v) for x, mx, v in zip(zi, m, vi) if v)
+        signs[i] = total > 0
     return signs
 
 

@@ -1,4 +1,4 @@
-"""``soap registry``: publish, list, show, promote, pull, diff and export projection artifacts.
+"""``soap registry``: publish, list, show, promote, pull, diff, report and export projection artifacts.
 
 The registry root comes from ``--registry``, else ``$SOAPFLOW_REGISTRY``, else
 ``$XDG_DATA_HOME/soapflow/registry`` (``~/.local/share/soapflow/registry``). Object stores take
@@ -9,60 +9,44 @@ or the usual environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, …).
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Optional
 
 import typer
 
+from soapflow.cli import options as opt
+from soapflow.cli.options import parse_storage_options
 from soapflow.errors import SoapError, json_object
 
 app = typer.Typer(
-    help="Versioned projection artifacts: publish, list, show, promote, pull, diff, export.",
+    help="Versioned projection artifacts: publish, list, show, promote, pull, diff, report, export.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
-RegistryOpt = Annotated[
-    Optional[str],
-    typer.Option("--registry", "-r", help="Registry root: a path or s3://bucket/prefix (default $SOAPFLOW_REGISTRY or a per-user dir).",
-                 show_default=False),
-]
-StorageOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--storage-option", "-o", help="KEY=VALUE for the object store (repeatable), e.g. endpoint_url=http://…",
-                 show_default=False),
-]
+RegistryOpt = opt.Registry
+StorageOpt = opt.StorageOption
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
 
 
 @app.callback()
 def _group() -> None:
-    """Versioned projection artifacts: publish, list, show, promote, pull, diff, export."""
+    """Versioned projection artifacts: publish, list, show, promote, pull, diff, report, export."""
 
 
-def parse_storage_options(items: list[str] | None) -> dict | None:
-    if not items:
-        return None
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SoapError(f"--storage-option takes KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        cur = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-            if not isinstance(cur, dict):
-                raise SoapError(f"--storage-option {item!r} conflicts with an earlier option")
-        cur[parts[-1]] = value
-    return out
-
-
-def _registry(root: str | None, storage_option: list[str] | None):
+def _registry(root: str | None, storage_option: list[str] | None, *, must_exist: bool = True):
+    """The registry to read (``must_exist``: a --registry path that is not there is a typo, not an
+    empty registry) or to publish into (created on first use)."""
+    from storage.objectstore import is_url
     from storage.registry import Registry
 
+    if must_exist and root and not is_url(str(root)):
+        path = os.path.expanduser(str(root))
+        if not os.path.exists(path):
+            raise SoapError(f"--registry {root}: no such directory (a registry is created by its first "
+                            "`soap registry publish` or `soap refit`)")
+        if not os.path.isdir(path):
+            raise SoapError(f"--registry {root}: is a file, not a registry directory")
     return Registry(root, parse_storage_options(storage_option))
 
 
@@ -86,7 +70,7 @@ def publish(
 ) -> None:
     """Publish an artifact as the next version of NAME; prints NAME:VERSION."""
     lineage_doc = json_object(lineage, "--lineage") if lineage is not None else None
-    reg = _registry(registry, storage_option)
+    reg = _registry(registry, storage_option, must_exist=False)
     res = reg.publish(artifact_dir, name=name, lineage=lineage_doc)
     if not res.created:
         typer.echo(
@@ -246,6 +230,25 @@ def diff(
         c.print(t)
     if d["parameters"]:
         c.print("  changed: " + "; ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in d["parameters"].items()))
+
+
+@app.command()
+def report(
+    ref: Annotated[str, typer.Argument(help="NAME, NAME@ALIAS or NAME:VERSION.")],
+    out: Annotated[str, typer.Option("--out", help="HTML file to write (one self-contained page, images inline).")],
+    registry: RegistryOpt = None,
+    storage_option: StorageOpt = None,
+) -> None:
+    """Write one HTML page for a version: manifest, lineage, SI plot, response maps, recorded
+    evaluations with CIs, and the diff against the previous version."""
+    from storage.html_report import version_report, write_report
+
+    if not out.lower().endswith((".html", ".htm")):
+        raise SoapError(f"--out {out}: give an .html file name")
+    reg = _registry(registry, storage_option)
+    name, version = reg.resolve(ref)
+    path = write_report(out, version_report(reg, f"{name}:{version}"))
+    typer.echo(f"{name}:{version} → {path}")
 
 
 @app.command("export-mlflow")

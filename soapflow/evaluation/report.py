@@ -34,6 +34,9 @@ __all__ = [
     "make_report",
     "write_json",
     "table_rows",
+    "resolved_head",
+    "head_label",
+    "delta_text",
     "markdown_table",
     "print_report",
     "save_mask_grid",
@@ -116,8 +119,31 @@ def _label(report: dict) -> str:
     return ev
 
 
+def resolved_head(report: dict) -> str:
+    """The head as evaluated: ``name:version`` for a registry version (what an alias such as
+    ``@latest`` resolved to), else the ref (an artifact directory)."""
+    head = report.get("head", {})
+    if head.get("name") and head.get("version"):
+        return f"{head['name']}:{head['version']}"
+    return str(head.get("ref"))
+
+
+def head_label(report: dict) -> str:
+    """``ref → name:version`` when the ref was an alias or a bare name, else the version."""
+    ref, pinned = str(report.get("head", {}).get("ref")), resolved_head(report)
+    return pinned if ref == pinned else f"{ref} → {pinned}"
+
+
+def _significant(delta: dict) -> bool:
+    if "significant" in delta:
+        return bool(delta["significant"])
+    lo, hi = delta.get("ci95", [None, None])
+    return lo is not None and hi is not None and (lo > 0 or hi < 0)
+
+
 def table_rows(report: dict, scale: float = 100.0) -> list[dict]:
-    """One row per metric: values in percent (``scale``), CI of Δ, improved/worsened."""
+    """One row per metric: values in percent (``scale``), CI of Δ, whether the CI excludes 0,
+    improved/worsened/unchanged image counts and the head version evaluated."""
     rows = []
     head = report.get("head", {})
     for name, m in report.get("metrics", {}).items():
@@ -125,6 +151,7 @@ def table_rows(report: dict, scale: float = 100.0) -> list[dict]:
         lo, hi = delta.get("ci95", [None, None])
         rows.append(
             {
+                "head": resolved_head(report),
                 "layer": head.get("layer"),
                 "evaluation": _label(report),
                 "metric": name,
@@ -134,28 +161,39 @@ def table_rows(report: dict, scale: float = 100.0) -> list[dict]:
                 "delta": round(delta["value"] * scale, 2),
                 "delta_ci95_low": round(lo * scale, 2) if lo is not None else None,
                 "delta_ci95_high": round(hi * scale, 2) if hi is not None else None,
+                "significant": _significant(delta),
                 "improved": delta.get("improved"),
                 "worsened": delta.get("worsened"),
+                "unchanged": delta.get("unchanged"),
             }
         )
     return rows
 
 
+def delta_text(row: dict) -> str:
+    """``+1.52 [+0.68, +2.29]*``: Δ, its 95% CI, ``*`` when the CI excludes 0 (as the README)."""
+    if row["delta_ci95_low"] is None:
+        return f"{row['delta']:+.2f}"
+    return (f"{row['delta']:+.2f} [{row['delta_ci95_low']:+.2f}, {row['delta_ci95_high']:+.2f}]"
+            + ("*" if row["significant"] else ""))
+
+
+SIGNIFICANCE_NOTE = "Δ = SOAP − raw, paired bootstrap 95% CI over images; * = the CI excludes 0"
+
+
 def markdown_table(reports: list[dict], scale: float = 100.0) -> str:
     """A markdown table of several reports (values in %, Δ with its paired 95% bootstrap CI)."""
     lines = [
-        "| layer | evaluation | metric | n | raw | SOAP | Δ (SOAP − raw) [95% CI] | improved / worsened |",
-        "|---:|---|---|---:|---:|---:|---|---:|",
+        "| head | layer | evaluation | metric | n | raw | SOAP | Δ (SOAP − raw) [95% CI] | improved / worsened / unchanged |",
+        "|---|---:|---|---|---:|---:|---:|---|---:|",
     ]
     for rep in reports:
         for r in table_rows(rep, scale):
-            sig = "" if r["delta_ci95_low"] is None or r["delta_ci95_low"] <= 0 <= r["delta_ci95_high"] else " *"
             lines.append(
-                f"| {r['layer']} | {r['evaluation']} | {r['metric']} | {r['n']} | {r['raw']:.2f} | {r['soap']:.2f} | "
-                f"{r['delta']:+.2f} [{r['delta_ci95_low']:+.2f}, {r['delta_ci95_high']:+.2f}]{sig} | "
-                f"{r['improved']} / {r['worsened']} |"
+                f"| {r['head']} | {r['layer']} | {r['evaluation']} | {r['metric']} | {r['n']} | {r['raw']:.2f} | "
+                f"{r['soap']:.2f} | {delta_text(r)} | {r['improved']} / {r['worsened']} / {r['unchanged']} |"
             )
-    return "\n".join(lines)
+    return "\n".join(lines) + f"\n\n{SIGNIFICANCE_NOTE}."
 
 
 def print_report(report: dict, console=None) -> None:
@@ -166,17 +204,18 @@ def print_report(report: dict, console=None) -> None:
     console = console or Console()
     head = report.get("head", {})
     title = f"{_label(report)} — {report.get('dataset', {}).get('spec')} (n={report.get('n_images')}), " \
-            f"{head.get('backbone')} layer {head.get('layer')}"
+            f"{head.get('backbone')} layer {head.get('layer')}, head {head_label(report)}"
     table = Table(title=title)
-    for col in ("metric", "raw", "SOAP", "Δ", "95% CI of Δ", "improved", "worsened"):
-        table.add_column(col, justify="right" if col != "metric" else "left")
+    table.add_column("metric")
+    for col in ("raw", "SOAP", "Δ [95% CI]"):
+        table.add_column(col, justify="right", no_wrap=True)
+    table.add_column("images improved / worsened / unchanged", justify="right")
     for r in table_rows(report):
-        table.add_row(r["metric"], f"{r['raw']:.2f}", f"{r['soap']:.2f}", f"{r['delta']:+.2f}",
-                      f"[{r['delta_ci95_low']:+.2f}, {r['delta_ci95_high']:+.2f}]", str(r["improved"]),
-                      str(r["worsened"]))
+        table.add_row(r["metric"], f"{r['raw']:.2f}", f"{r['soap']:.2f}", delta_text(r),
+                      f"{r['improved']} / {r['worsened']} / {r['unchanged']}")
     console.print(table)
-    console.print("values in %; Δ CI = paired bootstrap over images "
-                  f"({next(iter(report['metrics'].values()))['delta']['n_boot'] if report.get('metrics') else 0} resamples)")
+    n_boot = next(iter(report["metrics"].values()))["delta"].get("n_boot") if report.get("metrics") else 0
+    console.print(f"values in %; {SIGNIFICANCE_NOTE} ({n_boot} resamples)")
     if report.get("grid_png"):
         console.print(f"grid: {report['grid_png']}")
 

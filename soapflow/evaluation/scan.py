@@ -183,7 +183,7 @@ def _write_artifact(fit, real_uri, synth_uri, out_dir, mu_arg, plots=True) -> st
     if plots:
         from soapflow import plots as soap_plots
 
-        extra = soap_plots.fit_plots(fit)
+        extra = soap_plots.fit_plots(fit, manifest)
     return str(write_artifact(out_dir, fit_tensors(fit), manifest, overwrite=True, extra_files=extra))
 
 
