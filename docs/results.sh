@@ -2,7 +2,8 @@
 # Reproduces docs/results.md: every number there comes from the JSON files these commands write.
 #   N=1000 bash docs/results.sh [WORK_DIR]   (default WORK_DIR: results-work)
 # N images each: fit on N Fashion-MNIST train + N noise:mixture, evaluate on N test with a kNN bank
-# of N train images. Then: python docs/render_results.py (docs/data/*.json -> docs/results.md, README).
+# of N train images. (The numbers on the page were made before soap scan's options were renamed:
+# --n, --synth noise:mixture, --synth-n, --work-dir then; the same run.) Then: python docs/render_results.py (docs/data/*.json -> docs/results.md, README).
 set -euo pipefail
 W=${1:-results-work}
 N=${N:-1000}
@@ -12,10 +13,10 @@ mkdir -p "$W/reports" docs/data
 # 1. one extraction pass for blocks 6, 8 and 11 (block 11 after the model's final norm, the
 #    default --final-norm auto; 6 and 8 are block outputs), a fit per block (μ = 2, τ = 0.05),
 #    and per block the evaluations at TokenCut τ = 0.2 (salient, patch kNN seg, kNN cls)
-$SOAP scan --backbone dinov2_vits14 --layers 6,8,11 --data fashion-mnist:train --n "$N" \
-  --synth noise:mixture --synth-n "$N" --eval salient,knn-seg,knn-cls \
+$SOAP scan --backbone dinov2_vits14 --layers 6,8,11 --data fashion-mnist:train --n-real "$N" \
+  --generator mixture --n-synth "$N" --eval salient,knn-seg,knn-cls \
   --eval-data fashion-mnist:test --eval-n "$N" --bank-n "$N" --bank-patches 16384 \
-  --work-dir "$W/work" --artifacts "$W/artifacts" --out "$W/scan" --quiet
+  --workdir "$W/work" --artifacts "$W/artifacts" --out "$W/scan" --quiet
 
 # 2. the other TokenCut τ pairings on the cached tokens (no new forward passes):
 #    the authors' (raw τ = 0.2, SOAP τ = 0.3) and τ = 0.3 for both

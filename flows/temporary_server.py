@@ -36,6 +36,7 @@ class TemporaryServer:
     def __init__(self) -> None:
         self.port: int | None = None
         self.process: subprocess.Popen | None = None
+        self._announced = False
 
     @property
     def address(self) -> str:
@@ -50,17 +51,18 @@ class TemporaryServer:
         if self.process is not None:
             return
         import prefect
-        from prefect.logging import get_logger
         from prefect.settings import get_current_settings
 
         self.port = _free_port()
-        get_logger().info(f"Starting temporary server on {self.address}")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "--app-dir", str(Path(prefect.__file__).parent.parent),
              "--factory", "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
              "--log-level", "error", "--lifespan", "on"],
             env={**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
                  "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)},
+            # its own process group: a Ctrl-C in the terminal reaches only the run, which then stops
+            # its extraction cleanly while still talking to this server (stopped at exit, below)
+            process_group=0,
         )
         atexit.register(self.stop)
 
@@ -69,6 +71,11 @@ class TemporaryServer:
         import httpx
         from prefect.settings import PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS
 
+        if not self._announced:  # said only once the server is used: a run that fails its input checks is one line
+            from prefect.logging import get_logger
+
+            get_logger().info(f"Starting temporary server on {self.address}")
+            self._announced = True
         timeout = PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS.value()
         deadline = time.monotonic() + timeout
         with httpx.Client() as client:
@@ -99,7 +106,8 @@ class TemporaryServer:
         if process.poll() is None:
             from prefect.logging import get_logger
 
-            get_logger().info(f"Stopping temporary server on {self.address}")
+            if self._announced:
+                get_logger().info(f"Stopping temporary server on {self.address}")
             process.terminate()
             try:
                 process.wait(timeout=5)

@@ -398,7 +398,12 @@ class Backbone:
         x = self._check_images(images)
         micro = self._cpu_micro_batch() if x.device.type == "cpu" else x.shape[0]
         if x.shape[0] > micro:
-            parts = [self._extract_batch(p, idx) for p in x.split(micro)]
+            from soapflow import cancel
+
+            parts = []
+            for p in x.split(micro):
+                cancel.check()  # a chunk is many micro-batches on a CPU: Ctrl-C stops within one
+                parts.append(self._extract_batch(p, idx))
             return {i: torch.cat([p[i] for p in parts]) for i in idx}
         return self._extract_batch(x, idx)
 

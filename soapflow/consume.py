@@ -1,11 +1,12 @@
 """Using a published projection at inference.
 
-    import soapflow.consume as soap
-    head = soap.load_head("dinov2_vits14/11@production")      # pulled once, hash-verified, cached
+    import soapflow
+    from soapflow.backbones import load_backbone
+    head = soapflow.load_head("dinov2_vits14/11@production")  # pulled once, hash-verified, cached
     bb = load_backbone("dinov2_vits14", layer=11)
-    model = soap.attach(bb.model, head)                       # layer from the head's manifest
-    tokens = model.tokens(images)                             # (B, H, W, D), SOAP-corrected
-    logits = model(images)                                    # later blocks see corrected tokens
+    with soapflow.attach(bb, head) as model:                  # layer from the head's manifest
+        tokens = model.tokens(images)                         # (B, H, W, D): block 11's corrected patch tokens
+        pooled = model(images)                                # what bb.model returns; later blocks see corrected tokens
 
 The cache is ``$SOAPFLOW_CACHE/heads/<name>/<version>`` (default ``~/.cache/soapflow``,
 ``$XDG_CACHE_HOME`` honoured). A cached copy is used only while it still verifies and its
@@ -84,6 +85,9 @@ def load_head(ref: str, registry=None, storage_options: dict | None = None) -> S
     return SOAPHead.from_artifact(path)
 
 
+_ATTACHED = "_soapflow_attached_block"  # set on a model while a head is attached to it
+
+
 def _blocks(model: nn.Module) -> nn.Module:
     blocks = getattr(model, "blocks", None)
     if blocks is None or not hasattr(blocks, "__len__"):
@@ -99,9 +103,15 @@ class SOAPAttached(nn.Module):
     tokens alone; every later block, the final norm and the classifier see the corrected tokens.
     A head fitted after the final norm (``final_norm`` in its manifest; the default at the last
     block) hooks ``model.norm`` instead: it corrects ``forward_features``' patch tokens.
-    The hook is registered on ``model`` itself, so it applies to any call into the model
-    (``forward``, ``forward_features``, ``forward_intermediates``) until :meth:`detach`; use
-    ``with attach(...) as m:`` to scope it.
+
+    It changes ``model`` in place: the hook is registered on the model itself, so it applies to any
+    call into it (``forward``, ``forward_features``, ``forward_intermediates``) until :meth:`detach`;
+    use ``with attach(...) as m:`` to scope it. A second attach to the same model is refused.
+
+    What comes out: ``m(x)`` is whatever the model returns (for a timm ViT built with
+    ``num_classes=0``, the *pooled* feature vector of the last block, computed from corrected
+    tokens); ``m.tokens(x)`` is the corrected patch tokens of block ``layer`` as ``(B, H, W, D)``;
+    ``m.model.forward_features(x)`` is every token of the last block after the final norm.
     """
 
     def __init__(self, model: nn.Module, head: SOAPHead, layer: int, after_norm: bool = False):
@@ -115,6 +125,12 @@ class SOAPAttached(nn.Module):
             raise SoapError(
                 f"attach: the head has D={head.in_features} but the model's tokens have D={dim}; "
                 "was it fitted on another backbone?"
+            )
+        previous = getattr(model, _ATTACHED, None)
+        if previous is not None:
+            raise SoapError(
+                f"attach: this model already has a SOAP head attached at block {previous}; attaching another "
+                "would project twice. Call .detach() on the first (or use `with attach(...)`) before attaching again"
             )
         self.model = model
         self.head = head
@@ -131,6 +147,7 @@ class SOAPAttached(nn.Module):
                 )
             target = norm
         self._handle = target.register_forward_hook(self._hook)
+        object.__setattr__(model, _ATTACHED, self.layer)  # a plain attribute, not a registered submodule
 
     def _hook(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
         if not isinstance(output, torch.Tensor) or output.ndim != 3:
@@ -168,6 +185,8 @@ class SOAPAttached(nn.Module):
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            if getattr(self.model, _ATTACHED, None) is not None:
+                object.__delattr__(self.model, _ATTACHED)
         return self.model
 
     def __enter__(self) -> SOAPAttached:
@@ -177,16 +196,21 @@ class SOAPAttached(nn.Module):
         self.detach()
 
 
-def attach(model: Any, head: SOAPHead | str, layer: int | None = None, **load_kwargs) -> SOAPAttached:
-    """Attach a SOAP head to a ViT (timm model or soapflow ``Backbone``) at block ``layer``.
+def attach(model: Any, head: SOAPHead | str, layer: int | None = None, *, strict: bool = True,
+           **load_kwargs) -> SOAPAttached:
+    """Attach a SOAP head to a ViT (timm model or soapflow ``Backbone``) at block ``layer``, in
+    place (see :class:`SOAPAttached` for what then comes out, and :meth:`SOAPAttached.detach`).
 
     ``head`` may be a registry ref, loaded with :func:`load_head` (``load_kwargs`` go there).
-    ``layer`` defaults to the head manifest's layer (a soapflow Backbone's own layer next)."""
+    ``layer`` defaults to the head manifest's layer (a soapflow Backbone's own layer next). A
+    ``layer`` that differs from the manifest's, a model with another token width, or a head fitted
+    on q/k/v features is refused; ``strict=False`` turns the layer mismatch into a warning."""
     if isinstance(head, str):
         head = load_head(head, **load_kwargs)
     if not isinstance(head, SOAPHead):
         raise SoapError(f"attach: expected a SOAPHead or a registry ref, got {type(head).__name__}")
-    feature = (head.manifest or {}).get("feature") or "out"
+    manifest = head.manifest or {}
+    feature = manifest.get("feature") or "out"
     if feature != "out":
         raise SoapError(
             f"attach: this head was fitted on {feature!r} features; only 'out' (block output) "
@@ -196,10 +220,19 @@ def attach(model: Any, head: SOAPHead | str, layer: int | None = None, **load_kw
     if hasattr(model, "model") and hasattr(model, "tokens") and hasattr(model, "layer"):  # a Backbone
         bb_layer = model.layer
         model = model.model
+    fitted = manifest.get("layer")
     if layer is None:
-        layer = (head.manifest or {}).get("layer")
-        if layer is None:
-            layer = bb_layer
+        layer = fitted if fitted is not None else bb_layer
         if layer is None:
             raise SoapError("attach: pass layer= (the head's manifest names none)")
+    elif fitted is not None:
+        depth = len(_blocks(model))
+        if -depth <= int(layer) < depth and int(layer) % depth != int(fitted) % depth:
+            message = (f"attach: the head was fitted on block {fitted} (its manifest) but layer={layer} was given; "
+                       f"its components describe block {fitted}'s tokens. Leave layer out to use the manifest's")
+            if strict:
+                raise SoapError(message + ", or pass strict=False")
+            import warnings
+
+            warnings.warn(message, stacklevel=2)
     return SOAPAttached(model, head, int(layer), after_norm=bool((head.manifest or {}).get("final_norm", False)))

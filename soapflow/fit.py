@@ -352,6 +352,29 @@ def fit_manifest(fit: method.SoapFit, inputs: FitInputs, *, mu_arg: float | str)
     }
 
 
+def fit_warnings(fit: method.SoapFit, manifest: dict) -> list[str]:
+    """What a person should know about a fit that ran: too few images for stable SI scores, and a
+    fixed μ that suppresses components the SI scores call semantic."""
+    from soapflow.defaults import FEW_IMAGES
+
+    out = []
+    few = [(what, n) for what, n in (("real", manifest.get("n_real_images")),
+                                     ("synthetic", manifest.get("n_synth_images"))) if n is not None and n < FEW_IMAGES]
+    if few:
+        counts = " and ".join(f"{n} {what}" for what, n in few)
+        out.append(f"fit on only {counts} images: SI scores from so few images are mostly noise; "
+                   f"use at least {FEW_IMAGES} (hundreds are better)")
+    suppressed = fit.weights > 0.5 * fit.scores
+    low = np.flatnonzero(suppressed & (fit.scores < fit.threshold))
+    if manifest.get("mu_mode") == "fixed" and fit.suppress is None and len(low):
+        ranks = ", ".join(f"rank {int(r)} (SI {fit.scores[r]:.3f})" for r in low[:5])
+        above = int(np.count_nonzero(fit.scores > fit.threshold))
+        out.append(f"μ = {fit.mu:g} suppresses {len(low)} component(s) with SI below the threshold "
+                   f"{fit.threshold:g}: {ranks}; they may carry semantics. --mu auto suppresses only those above "
+                   f"it (here {above or 'none'})")
+    return out
+
+
 def fit_to_artifact(
     real_uri: str,
     synth_uri: str,

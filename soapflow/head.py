@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import torch
 from torch import nn
 
 
 class SOAPHead(nn.Linear):
-    """Applies ``Pφ`` to the last dimension of ``(..., D)`` tokens.
+    """Applies ``Pφ`` to the last dimension of ``(..., D)`` tokens: raw (uncentered) patch tokens
+    of the block it was fitted on, as a torch tensor (same dtype and device back) or a NumPy array
+    (an array of the same dtype back; integers become float32).
 
     ``nn.Linear`` computes ``z Wᵀ``; with ``W = Pφ`` (symmetric) that is ``Pφ z`` per token.
     """
@@ -32,7 +35,17 @@ class SOAPHead(nn.Linear):
         artifact = read_artifact(path)
         return cls(torch.from_numpy(artifact.projector.copy()), artifact.manifest)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        if tokens.shape[-1] != self.in_features:
-            raise ValueError(f"SOAPHead expects tokens with D={self.in_features}, got {tokens.shape[-1]}")
-        return nn.functional.linear(tokens, self.weight.to(tokens.dtype))
+    def forward(self, tokens: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+        if isinstance(tokens, np.ndarray):
+            array = tokens if np.issubdtype(tokens.dtype, np.floating) else tokens.astype(np.float32)
+            with torch.no_grad():
+                return self.forward(torch.from_numpy(np.ascontiguousarray(array))).numpy()
+        if not isinstance(tokens, torch.Tensor):
+            raise TypeError(f"SOAPHead takes tokens as a torch.Tensor or NumPy array of shape (..., {self.in_features}), "
+                            f"got {type(tokens).__name__}")
+        if tokens.ndim == 0 or tokens.shape[-1] != self.in_features:
+            raise ValueError(f"SOAPHead expects tokens of shape (..., {self.in_features}) (D last), "
+                             f"got shape {tuple(tokens.shape)}")
+        if not tokens.is_floating_point():
+            tokens = tokens.float()
+        return nn.functional.linear(tokens, self.weight.to(device=tokens.device, dtype=tokens.dtype))

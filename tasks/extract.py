@@ -35,19 +35,29 @@ def prepare_store(uri: str, spec: dict, source: str, n: int | None, seed: int, c
     }
 
 
+def _retry_transient(task, task_run, state) -> bool:
+    """Retry what may pass on a second try (I/O, a lost worker), not bad input or Ctrl-C."""
+    from soapflow.cancel import Interrupted, requested
+    from soapflow.errors import SoapError
+
+    exc = state.result(raise_on_failure=False)
+    return not (requested() or isinstance(exc, (SoapError, Interrupted)))
+
+
 # Cached on inputs + source: `created` changes whenever the store is recreated, so a
 # cache hit can only skip chunks that really are in this store.
-@task(name="extract-chunks", tags=["gpu"], retries=2, retry_delay_seconds=2,
+@task(name="extract-chunks", tags=["gpu"], retries=2, retry_delay_seconds=2, retry_condition_fn=_retry_transient,
       cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
 def extract_shard(uri: str, created: str, chunks: list[int], spec: dict, source: str, n: int | None,
-                  seed: int, num_workers: int | None, progress: bool = True) -> dict:
+                  seed: int, num_workers: int | None, progress: bool = True,
+                  cpu_decode_share: float | None = None) -> dict:
     from storage.feature_store import FeatureStore
 
     backbone = ex.cached_backbone(**spec)
     src = ex.cached_source(source, n, seed)
     store = FeatureStore.open(uri, mode="r+")
     stats = ex.extract_chunks(store, backbone, src, chunks, num_workers=num_workers, progress=progress,
-                              desc=f"extract {source}")
+                              desc=f"extract {source}", cpu_decode_share=cpu_decode_share)
     return dataclasses.asdict(stats)  # images, chunks and ex.TIMINGS
 
 

@@ -13,7 +13,7 @@ def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, *, mu, tau: float,
     """Fit and write the artifact; returns its path, manifest and the top SI components."""
     import numpy as np
 
-    from soapflow.fit import fit_to_artifact
+    from soapflow.fit import fit_to_artifact, fit_warnings
 
     path, fit, manifest = fit_to_artifact(real_uri, synth_uri, out_dir, dask_address=dask_address, mu=mu, tau=tau,
                                           gamma=gamma, threshold=threshold, overwrite=True,
@@ -22,4 +22,4 @@ def fit_artifact(real_uri: str, synth_uri: str, out_dir: str, *, mu, tau: float,
     explained = fit.explained_variance
     top = [{"rank": int(d), "si_score": round(float(fit.scores[d]), 4), "weight": round(float(fit.weights[d]), 4),
             "explained_variance": round(float(explained[d]), 4)} for d in order]
-    return {"path": str(path), "manifest": manifest, "top": top}
+    return {"path": str(path), "manifest": manifest, "top": top, "warnings": fit_warnings(fit, manifest)}

@@ -7,11 +7,12 @@ from prefect.cache_policies import NO_CACHE
 
 
 @task(name="publish-artifact", retries=2, retry_delay_seconds=2, cache_policy=NO_CACHE)
-def publish_artifact(artifact_dir: str, registry: str | None, name: str | None, lineage: dict) -> dict:
+def publish_artifact(artifact_dir: str, registry: str | None, name: str | None, lineage: dict,
+                     storage_options: dict | None = None) -> dict:
     """Publish (idempotent: identical content returns the existing version)."""
     from storage.registry import Registry
 
-    reg = Registry(registry)
+    reg = Registry(registry, storage_options)
     res = reg.publish(artifact_dir, name=name, lineage=lineage)
     return {"ref": res.ref, "name": res.name, "version": res.version, "created": res.created,
             "registry": str(reg.root)}

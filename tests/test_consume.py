@@ -186,3 +186,40 @@ def test_attach_head_fitted_after_the_final_norm(images):
         torch.testing.assert_close(model.forward_features(images), plain)  # detached
     with pytest.raises(SoapError, match="after the final norm"):
         attach(model, SOAPHead(torch.eye(D), {"layer": 4, "final_norm": True}))
+
+
+def test_attach_refuses_a_second_head_on_the_same_model(tiny, images):
+    head = SOAPHead(torch.from_numpy(projector()), {"layer": LAYER, "feature": "out"})
+    with attach(tiny, head) as first:
+        once = first.tokens(images)
+        with pytest.raises(SoapError, match="already has a SOAP head attached at block 5.*project twice"):
+            attach(tiny.model, head)
+        torch.testing.assert_close(first.tokens(images), once)  # still projected once
+    with attach(tiny, head) as again:  # after detach, attaching works again
+        torch.testing.assert_close(again.tokens(images), once)
+
+
+def test_attach_refuses_a_layer_the_head_was_not_fitted_on(tiny):
+    head = SOAPHead(torch.eye(D), {"layer": 11, "feature": "out"})
+    with pytest.raises(SoapError, match=r"fitted on block 11 \(its manifest\) but layer=6"):
+        attach(tiny.model, head, layer=6)
+    with pytest.warns(UserWarning, match="fitted on block 11"):
+        attached = attach(tiny.model, head, layer=6, strict=False)
+    assert attached.layer == 6
+    attached.detach()
+    with attach(tiny.model, head, layer=-1) as same:  # -1 is block 11 of 12: no mismatch
+        assert same.layer == 11
+
+
+def test_soap_head_takes_numpy_arrays_and_says_what_it_needs():
+    p = projector()
+    head = SOAPHead(torch.from_numpy(p), {})
+    tokens = np.random.default_rng(0).normal(size=(2, 4, 4, D)).astype(np.float32)
+    out = head(tokens)
+    assert isinstance(out, np.ndarray) and out.dtype == np.float32 and out.shape == tokens.shape
+    np.testing.assert_allclose(out, tokens @ p.T, rtol=1e-5, atol=1e-5)
+    assert head(tokens.astype(np.float64)).dtype == np.float64
+    with pytest.raises(TypeError, match=r"torch.Tensor or NumPy array of shape \(\.\.\., 192\)"):
+        head(tokens.tolist())
+    with pytest.raises(ValueError, match=r"\(\.\.\., 192\) \(D last\), got shape \(2, 192, 4\)"):
+        head(torch.zeros(2, D, 4))

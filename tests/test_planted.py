@@ -163,7 +163,7 @@ def test_cli_eval_planted_on_a_tiny_vit(tmp_path):
     res = CliRunner().invoke(app, [
         "eval", "planted", "--backbone", "vit_tiny_patch16_224", "--weights", "random", "--layer", "5",
         "--image-size", "64", "--n-real", "24", "--n-synth", "24", "--n", "10", "--k", "1", "--amplitudes", "4",
-        "--work-dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(png), "--n-boot", "200",
+        "--workdir", str(tmp_path / "work"), "--json", str(out), "--plot", str(png), "--n-boot", "200",
         "--chunk", "8", "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     rep = json.loads(out.read_text())
@@ -185,5 +185,5 @@ def test_cli_eval_planted_on_a_tiny_vit(tmp_path):
     assert not os.path.exists(tmp_path / "work" / "sweep" / "stores" / "k1-a4")
     assert FeatureStore.open(str(tmp_path / "work" / "clean" / "eval")).count == 10
 
-    res = CliRunner().invoke(app, ["eval", "planted", "--amplitudes", "1,x", "--work-dir", str(tmp_path / "w2")])
+    res = CliRunner().invoke(app, ["eval", "planted", "--amplitudes", "1,x", "--workdir", str(tmp_path / "w2")])
     assert isinstance(res.exception, SoapError) and "--amplitudes" in str(res.exception)

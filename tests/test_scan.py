@@ -85,17 +85,17 @@ def test_cli_scan(tmp_path):
     from soapflow.cli.main import app
 
     res = CliRunner().invoke(app, ["scan", "--backbone", "vit_tiny_patch16_224", "--weights", "random",
-                                   "--image-size", "32", "--layers", "0,2", "--n", "6", "--batch-size", "3",
+                                   "--image-size", "32", "--layers", "0,2", "--n-real", "6", "--batch-size", "3",
                                    "--out", str(tmp_path / "o"), "--quiet"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     assert "max SI" in res.output and (tmp_path / "o" / "si_vs_depth.png").is_file()
     data = json.loads((tmp_path / "o" / "scan.json").read_text())
     assert [s["layer"] for s in data["layers"]] == [0, 2] and data["work_dir"] is None
     res = CliRunner().invoke(app, ["scan", "--backbone", "vit_tiny_patch16_224", "--weights", "random",
-                                   "--layers", "40", "--n", "4"])
+                                   "--layers", "40", "--n-real", "4"])
     assert isinstance(res.exception, SoapError) and "40" in str(res.exception)
     res = CliRunner().invoke(app, ["scan", "--backbone", "vit_tiny_patch16_224", "--weights", "random",
-                                   "--eval", "segment", "--n", "4"])
+                                   "--eval", "segment", "--n-real", "4"])
     assert isinstance(res.exception, SoapError) and "segment" in str(res.exception)
 
 

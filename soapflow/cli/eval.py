@@ -14,25 +14,27 @@ from typing import Annotated, Optional
 
 import typer
 
+from soapflow.cli import options as opt
 from soapflow.errors import SoapError
 
 app = typer.Typer(help="Zero-shot evaluations of a SOAP head: raw vs SOAP tokens.", no_args_is_help=True,
-                  pretty_exceptions_enable=False, add_completion=False)
+                  pretty_exceptions_enable=False, add_completion=False, rich_markup_mode=None)
 
 Head = Annotated[str, typer.Option("--head", help="Artifact directory or registry ref (name, name@alias, name:3).")]
 Dataset = Annotated[str, typer.Option(help="fashion-mnist[:test|:train] or a dataset folder (ECSSD, DUTS-TE, DUT-OMRON, images/+masks/ …).")]
 N = Annotated[Optional[int], typer.Option("--n", help="Evaluate the first N images (default: all).")]
 ImageSize = Annotated[Optional[int], typer.Option(help="Input size (default: the head's fit size).")]
 Json = Annotated[Optional[str], typer.Option("--json", help="Write the report as JSON here.")]
-Registry = Annotated[Optional[str], typer.Option(help="Registry root for a registry --head (default $SOAPFLOW_REGISTRY).")]
-Weights = Annotated[Optional[str], typer.Option(help="Backbone weights file, for non-catalog backbones.")]
-Device = Annotated[str, typer.Option(help="torch device.")]
+Registry = opt.Registry
+StorageOption = opt.StorageOption
+Weights = opt.Weights
+Device = opt.Device
 BatchSize = Annotated[int, typer.Option(help="Images per forward pass.")]
 NBoot = Annotated[int, typer.Option(help="Bootstrap resamples for the CIs.")]
 Seed = Annotated[int, typer.Option(help="Seed of the bootstrap (and of bank subsampling).")]
 CacheDir = Annotated[Optional[str], typer.Option(help="Cache extracted tokens here (reused across evaluations).")]
 Record = Annotated[bool, typer.Option("--record/--no-record", help="Also write the results into the registry version's record.")]
-Quiet = Annotated[bool, typer.Option("--quiet", help="No progress bars.")]
+Quiet = opt.Quiet
 Bank = Annotated[Optional[str], typer.Option(help="Labelled bank dataset (default for fashion-mnist: the other split).")]
 BankN = Annotated[Optional[int], typer.Option(help="Bank images (first N).")]
 Neighbours = Annotated[int, typer.Option(help="Neighbours.")]
@@ -45,10 +47,16 @@ def _check_knn(k: int, bank_n: int | None) -> None:
         raise SoapError(f"--bank-n must be ≥ 1, got {bank_n}")
 
 
-def _context(head, registry, weights, image_size, device):
+def _context(head, registry, storage_option, weights, image_size, device):
     from soapflow.evaluation.run import load_context
 
-    return load_context(head, registry=registry, weights=weights, image_size=image_size, device=device)
+    storage_options = opt.parse_storage_options(storage_option)
+    if storage_options is not None:
+        from storage.registry import Registry as _Registry
+
+        registry = _Registry(registry, storage_options)
+    return load_context(head, registry=registry, weights=weights, image_size=image_size,
+                        device=opt.resolve_device(device))
 
 
 def _finish(report: dict, ctx, json_path: str | None, record: bool) -> None:
@@ -89,8 +97,9 @@ def salient(
     grid: Annotated[Optional[str], typer.Option(help="PNG grid (image, GT, raw mask, SOAP mask) path.")] = None,
     n_grid: Annotated[int, typer.Option(help="Images in the PNG grid.")] = 6,
     registry: Registry = None,
+    storage_option: StorageOption = None,
     weights: Weights = None,
-    device: Device = "cpu",
+    device: Device = None,
     batch_size: BatchSize = 32,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
@@ -107,7 +116,7 @@ def salient(
     if not -1 <= tau <= 1 or (soap_tau is not None and not -1 <= soap_tau <= 1):
         raise SoapError(f"--tau/--soap-tau are cosine thresholds in [-1, 1], got {tau} / {soap_tau}")
     _check_common(n, n_boot)
-    ctx = _context(head, registry, weights, image_size, device)
+    ctx = _context(head, registry, storage_option, weights, image_size, device)
     report = run_salient(ctx, dataset, n=n, tau=tau, soap_tau=soap_tau, foreground=foreground, component=component,
                          refine=refine, n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache_dir,
                          grid_png=grid, n_grid=n_grid, progress=not quiet)
@@ -128,8 +137,9 @@ def knn_seg(
     grid: Annotated[Optional[str], typer.Option(help="PNG grid (image, GT, raw, SOAP label maps) path.")] = None,
     n_grid: Annotated[int, typer.Option(help="Images in the PNG grid.")] = 6,
     registry: Registry = None,
+    storage_option: StorageOption = None,
     weights: Weights = None,
-    device: Device = "cpu",
+    device: Device = None,
     batch_size: BatchSize = 32,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
@@ -142,7 +152,7 @@ def knn_seg(
 
     _check_common(n, n_boot)
     _check_knn(k, bank_n)
-    ctx = _context(head, registry, weights, image_size, device)
+    ctx = _context(head, registry, storage_option, weights, image_size, device)
     report = run_knn_seg(ctx, dataset, bank, n=n, bank_n=bank_n, k=k, bank_patches=bank_patches or None,
                          n_boot=n_boot, seed=seed, batch_size=batch_size, cache_dir=cache_dir, grid_png=grid,
                          n_grid=n_grid, progress=not quiet)
@@ -161,8 +171,9 @@ def knn_cls(
     image_size: ImageSize = None,
     json_path: Json = None,
     registry: Registry = None,
+    storage_option: StorageOption = None,
     weights: Weights = None,
-    device: Device = "cpu",
+    device: Device = None,
     batch_size: BatchSize = 32,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
@@ -176,7 +187,7 @@ def knn_cls(
     _check_common(n, n_boot)
     _check_knn(k, bank_n)
     pools = tuple(p.strip() for p in pool.split(",") if p.strip())
-    ctx = _context(head, registry, weights, image_size, device)
+    ctx = _context(head, registry, storage_option, weights, image_size, device)
     report = run_knn_cls(ctx, dataset, bank, n=n, bank_n=bank_n, k=k, pools=pools, n_boot=n_boot, seed=seed,
                          batch_size=batch_size, cache_dir=cache_dir, progress=not quiet)
     _finish(report, ctx, json_path, record)
@@ -217,12 +228,12 @@ def planted(
     evaluate: Annotated[str, typer.Option(help="Comma list of salient,knn-seg,knn-cls; 'none' for recovery only.")] = "salient,knn-seg,knn-cls",
     salient_tau: Annotated[float, typer.Option(help="TokenCut τ.")] = 0.2,
     bank_patches: Annotated[int, typer.Option(help="kNN-seg bank patches (seeded subsample); 0 = all.")] = 16384,
-    work_dir: Annotated[str, typer.Option(help="Clean stores (reused when present), planted fits and artifacts.")] = "planted-work",
+    workdir: Annotated[str, typer.Option(help="Clean stores (reused when present), planted fits and artifacts.")] = "planted-work",
     keep_stores: Annotated[bool, typer.Option("--keep-stores", help="Keep the planted feature stores.")] = False,
     json_path: Json = None,
     plot: Annotated[Optional[str], typer.Option(help="PNG: angles and planted SI vs amplitude per k (and metrics).")] = None,
     chunk: Annotated[int, typer.Option(help="Images per store chunk (and forward pass).")] = 32,
-    device: Device = "cpu",
+    device: Device = None,
     n_boot: NBoot = 2000,
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -238,10 +249,10 @@ def planted(
     data_cfg = PL.PlantedData(backbone=backbone, weights=weights, layer=layer, final_norm=final_norm,
                               image_size=image_size, real=data,
                               n_real=n_real, synth=synth, n_synth=n_synth, eval_data=dataset, n_eval=n, chunk=chunk,
-                              device=device, seed=seed)
+                              device=opt.resolve_device(device), seed=seed)
     ev = PL.PlantedEval(evaluations=evals, salient_tau=salient_tau, bank_patches=bank_patches or None, n_boot=n_boot,
                         seed=seed)
-    report = PL.run_planted(data_cfg, planting, ev, work_dir, keep_stores=keep_stores, progress=not quiet)
+    report = PL.run_planted(data_cfg, planting, ev, workdir, keep_stores=keep_stores, progress=not quiet)
     if plot:
         report["plot_png"] = PL.plot_report(report, plot)
     PL.print_report(report)

@@ -6,39 +6,62 @@ from typing import Annotated, Optional
 
 import typer
 
-from soapflow.cli.fit import parse_mu
-from soapflow.extract import DEFAULT_CHUNK
+from soapflow.errors import SoapError
+from soapflow import defaults
+from soapflow.cli import options as opt
 
 
 def extract(
     source: Annotated[str, typer.Option(help="A folder, 'photos', 'fashion-mnist[:train|:test]' or 'noise:<generator>'.")],
     out: Annotated[str, typer.Option(help="Feature store to write (path or URL); an interrupted one resumes.")],
-    backbone: Annotated[str, typer.Option(help="Catalog name or timm ViT name.")] = "dinov2_vits14",
-    weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
-    layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
-    feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
-    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block "
-                                                  "only, as forward_features and the authors), on (every block), off.")] = "auto",
-    n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise).")] = None,
-    image_size: Annotated[Optional[int], typer.Option(help="Input size (multiple of the patch size).")] = None,
-    chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
-    seed: Annotated[int, typer.Option(help="Seed of synthetic images.")] = 0,
-    dtype: Annotated[str, typer.Option(help="float16 or float32.")] = "float16",
-    device: Annotated[Optional[str], typer.Option(help="cpu, cuda, cuda:1 … (default: cuda if available).")] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes (default: 0 on CPU, 1 on GPU).")] = None,
+    backbone: opt.Backbone = defaults.DEFAULT_BACKBONE,
+    weights: opt.Weights = None,
+    layer: opt.Layer = -1,
+    feature: opt.Feature = "out",
+    final_norm: opt.FinalNorm = "auto",
+    n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise; default: all the source has).",
+                                             show_default=False)] = None,
+    image_size: opt.ImageSize = None,
+    chunk: opt.Chunk = None,
+    seed: opt.Seed = 0,
+    dtype: opt.Dtype = defaults.DEFAULT_DTYPE,
+    device: opt.Device = None,
+    workers: opt.Workers = None,
+    cpu_decode_share: opt.CpuDecodeShare = None,
     compress: Annotated[bool, typer.Option(help="zstd on the tokens of a new store: float16 tokens shrink only to "
                                                 "~92 % and the fit reads ~5 % slower, but an object store may bill by the byte.")] = False,
+    storage_option: opt.StorageOption = None,
 ) -> None:
     """Extract patch tokens of one image source into a feature store."""
+    from soapflow import preflight
+
+    preflight.check_cheap(data=source, data_flag="--source", weights=weights, image_size=image_size,
+                          counts={"--n": n, "--chunk": chunk})
+    final_norm = preflight.final_norm(final_norm)
+    if workers is not None:
+        preflight.count("--workers", workers, minimum=0)
+    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
+        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
+    storage_options = opt.parse_storage_options(storage_option)
     from rich.console import Console
 
     from soapflow.extract import extract as run_extract
 
-    store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
-                               image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
-                               num_workers=workers, compress=compress, final_norm=final_norm)
-    attrs = store.attrs
+    device = opt.resolve_device(device)
+    loaded = preflight.load_inputs(backbone, weights, layer, feature, image_size, device, source, n, seed,
+                                   final_norm=final_norm, n_flag="--n")
     console = Console(soft_wrap=True)
+    for note in loaded.notes:
+        console.print(f"note: {note}")
+    from soapflow import cancel
+
+    with cancel.deferred():  # Ctrl-C: finish the chunks being written, then stop
+        store, stats = run_extract(backbone, source, out, weights=weights, layer=layer, feature=feature, n=n,
+                                   image_size=image_size, chunk=chunk, seed=seed, dtype=dtype, device=device,
+                                   num_workers=workers, compress=compress, storage_options=storage_options,
+                                   cpu_decode_share=cpu_decode_share,
+                                   final_norm=final_norm)
+    attrs = store.attrs
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
     console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs}), block {attrs.get('layer')} "
                   f"{'after' if attrs.get('final_norm') else 'before'} the final norm")
@@ -48,64 +71,107 @@ def extract(
         console.print(f"  skipped {item['path']}: {item['reason']}")
 
 
+def _check_refit_out(out: str | None) -> None:
+    """--out is replaced by the new artifact: only an artifact directory (or nothing) may be there."""
+    import os
+
+    if out is None or not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise SoapError(f"--out {out} is a file; give an artifact directory")
+    if any(os.scandir(out)) and not os.path.isfile(os.path.join(out, "manifest.json")):
+        raise SoapError(f"--out {out} exists and is not an artifact directory; refusing to replace what is in it")
+
+
 def refit(
-    backbone: Annotated[str, typer.Option(help="Catalog name or timm ViT name.")] = "dinov2_vits14",
-    weights: Annotated[Optional[str], typer.Option(help="Checkpoint path, or 'random'.")] = None,
-    layer: Annotated[int, typer.Option(help="Block index; negative counts from the end.")] = -1,
-    feature: Annotated[str, typer.Option(help="out | q | k | v | kqv")] = "out",
-    final_norm: Annotated[str, typer.Option(help="The model's final norm on the tokens: auto (after the last block "
-                                                  "only, as forward_features and the authors), on (every block), off.")] = "auto",
-    data: Annotated[str, typer.Option(help="Real images: folder, 'photos', 'fashion-mnist[:split]'.")] = "photos",
-    n_real: Annotated[Optional[int], typer.Option(help="Real images to use (default: all).")] = None,
-    n_synth: Annotated[Optional[int], typer.Option(help="Synthetic images (default: as many as real).")] = None,
-    generator: Annotated[str, typer.Option(help="Noise generator of the synthetic set.")] = "mixture",
-    image_size: Annotated[Optional[int], typer.Option(help="Input size.")] = None,
-    seed: Annotated[int, typer.Option()] = 0,
-    mu: Annotated[str, typer.Option(help="Soft count of suppressed components, or 'auto'.")] = "2",
-    tau: Annotated[float, typer.Option()] = 0.05,
-    gamma: Annotated[float, typer.Option()] = 1.0,
-    threshold: Annotated[float, typer.Option()] = 0.75,
-    chunk: Annotated[int, typer.Option(help="Images per store chunk.")] = DEFAULT_CHUNK,
-    device: Annotated[Optional[str], typer.Option()] = None,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader decode processes per extraction (default: 0 on CPU, 1 on GPU).")] = None,
+    backbone: opt.Backbone = defaults.DEFAULT_BACKBONE,
+    weights: opt.Weights = None,
+    layer: opt.Layer = -1,
+    feature: opt.Feature = "out",
+    final_norm: opt.FinalNorm = "auto",
+    data: opt.Data = defaults.DEFAULT_DATA,
+    n_real: opt.NReal = None,
+    n_synth: opt.NSynth = None,
+    generator: opt.Generator = defaults.DEFAULT_GENERATOR,
+    image_size: opt.ImageSize = None,
+    seed: opt.Seed = 0,
+    mu: opt.Mu = opt.MU_DEFAULT,
+    tau: opt.Tau = defaults.DEFAULT_TAU,
+    gamma: opt.Gamma = defaults.DEFAULT_GAMMA,
+    threshold: opt.Threshold = defaults.DEFAULT_THRESHOLD,
+    chunk: opt.Chunk = None,
+    device: opt.Device = None,
+    workers: opt.Workers = None,
+    cpu_decode_share: opt.CpuDecodeShare = None,
     shards: Annotated[int, typer.Option(help="Parallel extraction tasks per store.")] = 1,
-    workdir: Annotated[Optional[str], typer.Option(help="Where stores and artifacts go (default ~/.cache/soapflow/work).")] = None,
-    out: Annotated[Optional[str], typer.Option(help="Artifact directory.")] = None,
-    registry: Annotated[Optional[str], typer.Option(help="Registry root to publish to.")] = None,
-    name: Annotated[Optional[str], typer.Option(help="Registry name (default <backbone>/<layer>).")] = None,
-    publish: Annotated[bool, typer.Option(help="Publish the artifact to the registry.")] = True,
-    evaluate: Annotated[Optional[str], typer.Option(help="After publishing, run these evaluations (e.g. knn-seg,salient) and record them.")] = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="Run tasks and the fit on this dask cluster.")] = None,
+    workdir: opt.Workdir = None,
+    out: Annotated[Optional[str], typer.Option(
+        help="Artifact directory (default: <workdir>/artifacts/<backbone>-L<layer>; a previous artifact there is "
+             "replaced, and said so).", show_default=False)] = None,
+    registry: opt.Registry = None,
+    storage_option: opt.StorageOption = None,
+    name: Annotated[Optional[str], typer.Option(help="Registry name (default <backbone>/<layer>).", show_default=False)] = None,
+    publish: Annotated[bool, typer.Option("--publish/--no-publish", help="Publish the artifact to the registry.")] = True,
+    evaluate: Annotated[Optional[str], typer.Option(help="After publishing, run these evaluations (e.g. knn-seg,salient) "
+                                                         "and record them.", show_default=False)] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Run tasks and the fit on this dask cluster (tcp://…).",
+                                                        show_default=False)] = None,
 ) -> None:
     """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
+    from soapflow import preflight, timeline
+
+    timeline.mark("start, CLI imports")
+
+    # everything that needs no model, before anything starts
+    mu_value = opt.parse_mu(mu)
+    preflight.check_cheap(data=data, weights=weights, image_size=image_size, fit=(mu_value, tau, gamma, threshold),
+                          counts={"--n-real": n_real, "--n-synth": n_synth, "--chunk": chunk, "--shards": shards})
+    final_norm = preflight.final_norm(final_norm)
+    if workers is not None:
+        preflight.count("--workers", workers, minimum=0)
+    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
+        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
+    storage_options = opt.parse_storage_options(storage_option)
+    _check_refit_out(out)
+    evaluations = [e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None
+    if evaluations:
+        from soapflow.evaluation.scan import EVALUATIONS
+
+        bad = [e for e in evaluations if e not in EVALUATIONS]
+        if bad:
+            raise SoapError(f"--evaluate: unknown evaluation {bad[0]!r}; choose from {', '.join(EVALUATIONS)}")
     from rich.console import Console
     from rich.table import Table
 
-    from flows.refit import refit as refit_flow
     from flows.refit import quick_local_run
-    from soapflow.errors import SoapError
+    from flows.refit import refit as refit_flow
+    from soapflow import cancel
     from soapflow.extract import TIMINGS, ExtractStats
 
-    if tau <= 0:
-        raise SoapError(f"--tau must be > 0, got {tau}")
-    mu_value = parse_mu(mu)
-    from soapflow.backbones import parse_final_norm
-
-    final_norm = parse_final_norm(final_norm)
+    timeline.mark("prefect and flow imports")
+    device = opt.resolve_device(device)
     flow = refit_flow
     if dask_address:
         from prefect_dask import DaskTaskRunner
 
         flow = refit_flow.with_options(task_runner=DaskTaskRunner(address=dask_address))
-    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed, final_norm):
-        result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
-                      data=data, n_real=n_real,
-                      n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value, tau=tau,
-                      gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
-                      num_workers=workers, workdir=workdir, out=out, registry=registry, name=name, publish=publish,
-                      evaluate_after=[e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None,
-                      dask_address=dask_address)
     console = Console(soft_wrap=True)
+    # the model and the real source load (and fail on bad input) before the flow starts
+    with quick_local_run(backbone, weights, layer, feature, image_size, device, data, n_real, seed,
+                         final_norm) as loaded:
+        for note in loaded.notes:
+            console.print(f"note: {note}")
+        timeline.mark("settings")
+        with cancel.deferred():  # Ctrl-C: the extraction threads stop at their next chunk
+            result = flow(backbone=backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
+                          data=data, n_real=n_real,
+                          n_synth=n_synth, generator=generator, image_size=image_size, seed=seed, mu=mu_value,
+                          tau=tau, gamma=gamma, threshold=threshold, chunk=chunk, device=device, shards=shards,
+                          num_workers=workers, cpu_decode_share=cpu_decode_share, workdir=workdir, out=out,
+                          registry=registry, name=name,
+                          publish=publish, evaluate_after=evaluations, dask_address=dask_address,
+                          storage_options=storage_options)
+    timeline.mark("flow end, server stop")
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
         table.add_column(col, justify="right")
@@ -123,7 +189,11 @@ def refit(
     if result["skipped_images"]:
         console.print(f"skipped unreadable real images: {result['skipped_images']} (listed in the store's attributes)")
     console.print(f"components suppressed: {result['n_suppressed']} (μ = {result['mu']:g})")
-    console.print(f"artifact: {result['artifact']}")
+    for warning in result.get("warnings") or ():
+        console.print(f"warning: {warning}")
+    replaced = result.get("replaced")
+    console.print(f"artifact: {result['artifact']}"
+                  + (f"  (replaced the previous artifact there, sha256 {replaced[:16]}…)" if replaced else ""))
     console.print(f"plots:    {result['artifact']}/plots/")
     console.print(f"report:   {result['report']}")
     if result.get("ref"):

@@ -6,19 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
+from soapflow import defaults
+from soapflow.cli import options as opt
+from soapflow.cli.options import parse_mu  # noqa: F401  (its old home)
 from soapflow.errors import SoapError
-
-
-def parse_mu(value: str) -> float | str:
-    if value == "auto":
-        return "auto"
-    try:
-        mu = float(value)
-    except ValueError:
-        raise SoapError(f"--mu must be a number ≥ 0 or 'auto', got {value!r}") from None
-    if mu < 0:
-        raise SoapError(f"--mu must be ≥ 0 or 'auto', got {value}")
-    return mu
 
 
 def parse_ranks(value: str | None) -> list[int] | None:
@@ -34,28 +25,31 @@ def fit(
     real_store: Annotated[str, typer.Argument(help="Feature store of real images (path or URL).")],
     synth_store: Annotated[str, typer.Argument(help="Feature store of synthetic images.")],
     out: Annotated[str, typer.Option("--out", help="Artifact directory to write.")],
-    mu: Annotated[str, typer.Option(help="Soft count of components to suppress, or 'auto'.")] = "2",
-    tau: Annotated[float, typer.Option(help="Sigmoid temperature of the weights.")] = 0.05,
-    gamma: Annotated[float, typer.Option(help="Exponent of the SI agreement.")] = 1.0,
-    threshold: Annotated[float, typer.Option(help="SI threshold for --mu auto.")] = 0.75,
+    mu: opt.Mu = opt.MU_DEFAULT,
+    tau: opt.Tau = defaults.DEFAULT_TAU,
+    gamma: opt.Gamma = defaults.DEFAULT_GAMMA,
+    threshold: opt.Threshold = defaults.DEFAULT_THRESHOLD,
     suppress: Annotated[Optional[str], typer.Option(help="Instead remove these eigenvalue ranks fully, e.g. 0,3.")] = None,
-    dask_address: Annotated[Optional[str], typer.Option(help="Scheduler of a running dask cluster.")] = None,
+    dask_address: Annotated[Optional[str], typer.Option(help="Scheduler of a running dask cluster (tcp://…).",
+                                                        show_default=False)] = None,
     workers: Annotated[int, typer.Option(help="Workers of the local cluster (without --dask-address).")] = 1,
-    overwrite: Annotated[bool, typer.Option(help="Replace an existing artifact directory.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing artifact directory.")] = False,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="Skip writing plots/.")] = False,
-    device: Annotated[str, typer.Option(help="Where the fit computes: auto (CUDA if present), cpu, cuda, cuda:N.")] = "auto",
+    storage_option: opt.StorageOption = None,
+    device: opt.Device = None,
 ) -> None:
     """Fit SOAP exactly (float64, out of core) and write the projection artifact."""
     from rich.console import Console
 
     from soapflow.fit import fit_to_artifact
 
-    if tau <= 0:
-        raise SoapError(f"--tau must be > 0, got {tau}")
+    mu_value = parse_mu(mu)
+    opt.check_fit_parameters(tau, gamma, threshold)
     path, fitted, manifest = fit_to_artifact(
         real_store, synth_store, out, dask_address=dask_address, workers=workers,
-        mu=parse_mu(mu), tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress),
-        overwrite=overwrite, plots=not no_plots, device=device,
+        mu=mu_value, tau=tau, gamma=gamma, threshold=threshold, suppress=parse_ranks(suppress),
+        overwrite=overwrite, plots=not no_plots, storage_options=opt.parse_storage_options(storage_option),
+        device=device,  # None: CUDA if the workers have it
     )
     print_fit_summary(Console(soft_wrap=True), fitted, manifest, path)
 
@@ -75,5 +69,9 @@ def print_fit_summary(console, fitted, manifest, path) -> None:
         f"μ={manifest['mu']:g} ({manifest['mu_mode']}), components suppressed: {manifest['n_suppressed']}, "
         f"real tokens {manifest['n_real_tokens']:,}, synthetic tokens {manifest['n_synth_tokens']:,}"
     )
+    from soapflow.fit import fit_warnings
+
+    for warning in fit_warnings(fitted, manifest):
+        console.print(f"warning: {warning}")
     console.print(f"artifact: {path}  (sha256 {manifest['content_hash'][:16]}…)")
     console.print(f"plots:    {path}/plots/")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import os
 import sys
+from typing import Annotated
 
 import typer
 
@@ -16,32 +17,43 @@ from soapflow.errors import SoapError
 
 # Shown under `soap --help`: the environment the commands read, and where run history goes.
 ENVIRONMENT_HELP = """\
-[bold]Environment[/bold]
+Environment:
 
-  [bold]SOAPFLOW_WORKDIR[/bold]  feature stores, artifacts and reports of `soap refit` (default ~/.cache/soapflow/work)
+\b
+  SOAPFLOW_WORKDIR          feature stores, artifacts and reports of `soap refit` (default ~/.cache/soapflow/work)
+  SOAPFLOW_CACHE            converted backbone weights and pulled heads (default ~/.cache/soapflow)
+  SOAPFLOW_REGISTRY         registry root, a path or s3://bucket/prefix (default ~/.local/share/soapflow/registry)
+  SOAPFLOW_STORAGE_OPTIONS  JSON object for an s3:// registry, e.g. {"client_kwargs": {"endpoint_url": "http://…"}}
 
-  [bold]SOAPFLOW_CACHE[/bold]  converted backbone weights and pulled heads (default ~/.cache/soapflow)
-
-  [bold]SOAPFLOW_REGISTRY[/bold]  registry root, a path or s3://bucket/prefix (default ~/.local/share/soapflow/registry)
-
-  [bold]SOAPFLOW_STORAGE_OPTIONS[/bold]  JSON object for an s3:// registry, e.g. {"client_kwargs": {"endpoint_url": "http://…"}}
-
-  [bold]PREFECT_API_URL[/bold]  the Prefect server runs report to. Unset, each run starts a temporary one and its history stays in ~/.prefect/prefect.db ($PREFECT_HOME): `prefect server start` shows it at http://127.0.0.1:4200, and `export PREFECT_API_URL=http://127.0.0.1:4200/api` makes later runs report there live.
+PREFECT_API_URL: the Prefect server runs report to. Unset, each run starts a temporary one and its history stays in
+~/.prefect/prefect.db ($PREFECT_HOME): `prefect server start` shows it at http://127.0.0.1:4200, and
+`export PREFECT_API_URL=http://127.0.0.1:4200/api` makes later runs report there live.
 """
 
 app = typer.Typer(
     name="soap",
     help="SOAP: find and remove non-semantic directions in ViT patch tokens.",
     epilog=ENVIRONMENT_HELP,
-    rich_markup_mode="rich",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no boxes, no "<bool>" after flags
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from soapflow import __version__
+
+        typer.echo(f"soapflow {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     """SOAP: find and remove non-semantic directions in ViT patch tokens."""
 
 
@@ -66,18 +78,40 @@ _register()
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; Ctrl-C stops the work at
+    its next chunk (``soapflow.cancel``), says how to resume and exits 130."""
+    from soapflow import cancel
+
     try:
-        app()
-    except SoapError as exc:
-        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
-        sys.exit(2)
+        with cancel.sigint_handler():
+            app()
+    except SystemExit as exc:
+        if cancel.requested() and exc.code not in (0, None):  # click's "Aborted!" after a second Ctrl-C
+            _interrupted()
+        raise
+    except BaseException as exc:
+        if cancel.requested() or isinstance(exc, (KeyboardInterrupt, cancel.Interrupted)):
+            _interrupted()
+        if isinstance(exc, SoapError):
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            sys.exit(2)
+        raise
+
+
+def _interrupted() -> None:
+    from soapflow.cancel import RESUME_HINT
+
+    typer.secho(RESUME_HINT, fg=typer.colors.YELLOW, err=True)
+    sys.exit(130)
 
 
 def _exit_without_teardown(status: list[int]) -> None:
     # Registered first, so it runs after every other atexit hook (Prefect's log and event
     # workers draining, the temporary server stopping). What it skips is the interpreter tearing down
     # torch, Prefect and thousands of modules: ~2 s on 2 cores that change nothing on disk.
+    from soapflow import timeline
+
+    timeline.report()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status[0])

@@ -8,12 +8,13 @@ import typer
 
 from soapflow.errors import SoapError
 
-app = typer.Typer(help="Synthetic non-semantic images (SPEC §2).", no_args_is_help=True)
+app = typer.Typer(help="Synthetic non-semantic images (docs/method.md §2).", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 @app.callback()
 def _group() -> None:
-    """Synthetic non-semantic images (SPEC §2)."""  # a callback keeps `preview` a sub-command
+    """Synthetic non-semantic images (docs/method.md §2)."""  # a callback keeps `preview` a sub-command
 
 
 @app.command()

@@ -9,27 +9,23 @@ or the usual environment (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, …).
 from __future__ import annotations
 
 import json
+import os
 from typing import Annotated, Any, Optional
 
 import typer
 
+from soapflow.cli import options as opt
+from soapflow.cli.options import parse_storage_options
 from soapflow.errors import SoapError, json_object
 
 app = typer.Typer(
     help="Versioned projection artifacts: publish, list, show, promote, pull, diff, report, export.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 
-RegistryOpt = Annotated[
-    Optional[str],
-    typer.Option("--registry", "-r", help="Registry root: a path or s3://bucket/prefix (default $SOAPFLOW_REGISTRY or a per-user dir).",
-                 show_default=False),
-]
-StorageOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--storage-option", "-o", help="KEY=VALUE for the object store (repeatable), e.g. endpoint_url=http://…",
-                 show_default=False),
-]
+RegistryOpt = opt.Registry
+StorageOpt = opt.StorageOption
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a summary.")]
 
 
@@ -38,31 +34,19 @@ def _group() -> None:
     """Versioned projection artifacts: publish, list, show, promote, pull, diff, report, export."""
 
 
-def parse_storage_options(items: list[str] | None) -> dict | None:
-    if not items:
-        return None
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise SoapError(f"--storage-option takes KEY=VALUE, got {item!r}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        cur = out
-        parts = key.split(".")
-        for part in parts[:-1]:
-            cur = cur.setdefault(part, {})
-            if not isinstance(cur, dict):
-                raise SoapError(f"--storage-option {item!r} conflicts with an earlier option")
-        cur[parts[-1]] = value
-    return out
-
-
-def _registry(root: str | None, storage_option: list[str] | None):
+def _registry(root: str | None, storage_option: list[str] | None, *, must_exist: bool = True):
+    """The registry to read (``must_exist``: a --registry path that is not there is a typo, not an
+    empty registry) or to publish into (created on first use)."""
+    from storage.objectstore import is_url
     from storage.registry import Registry
 
+    if must_exist and root and not is_url(str(root)):
+        path = os.path.expanduser(str(root))
+        if not os.path.exists(path):
+            raise SoapError(f"--registry {root}: no such directory (a registry is created by its first "
+                            "`soap registry publish` or `soap refit`)")
+        if not os.path.isdir(path):
+            raise SoapError(f"--registry {root}: is a file, not a registry directory")
     return Registry(root, parse_storage_options(storage_option))
 
 
@@ -86,7 +70,7 @@ def publish(
 ) -> None:
     """Publish an artifact as the next version of NAME; prints NAME:VERSION."""
     lineage_doc = json_object(lineage, "--lineage") if lineage is not None else None
-    reg = _registry(registry, storage_option)
+    reg = _registry(registry, storage_option, must_exist=False)
     res = reg.publish(artifact_dir, name=name, lineage=lineage_doc)
     if not res.created:
         typer.echo(

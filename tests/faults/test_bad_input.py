@@ -134,6 +134,7 @@ def _artifacts(root: Path) -> dict[str, Path]:
 
 def _cases(root: Path, f, w, s, a) -> list[dict]:
     reg = root / "registry"
+    reg.mkdir()  # (an existing, empty registry: a root that is not there is an error of its own)
     out = lambda name: str(root / "out" / name)  # noqa: E731
     ext = lambda *args: ["extract", *BACKBONE, *map(str, args)]  # noqa: E731
     fit = lambda real, synth, *args: ["fit", str(s[real]), str(s[synth]), "--out", out(f"fit-{real}-{synth}"),  # noqa: E731
@@ -164,7 +165,7 @@ def _cases(root: Path, f, w, s, a) -> list[dict]:
     case("unknown noise generator", ext("--source", "noise:nope", "--n", 4, "--out", out("nope")), "nope")
     case("bad noise parameter", ext("--source", "noise:pink?alpha", "--n", 4, "--out", out("nope2")), "alpha")
     case("noise without --n", ext("--source", "noise:pink", "--out", out("non")), "needs n")
-    case("--n 0", ext("--source", "noise:pink", "--n", 0, "--out", out("n0")), "n must be a positive integer")
+    case("--n 0", ext("--source", "noise:pink", "--n", 0, "--out", out("n0")), "--n must be ≥ 1, got 0")
     # backbones
     case("unknown backbone name", ["extract", "--backbone", "vit_nonexistent_9000", "--weights", "random",
                                    "--source", "noise:pink", "--n", 4, "--out", out("bb")], "vit_nonexistent_9000")
@@ -190,12 +191,12 @@ def _cases(root: Path, f, w, s, a) -> list[dict]:
                                                         "noise:pink", "--n", 4, "--out", out("is30")],
          "not a multiple of", "patch size 16")
     case("image size 0", ["extract", "--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", 0,
-                          "--source", "noise:pink", "--n", 4, "--out", out("is0")], "image_size must be a positive")
+                          "--source", "noise:pink", "--n", 4, "--out", out("is0")], "--image-size must be ≥ 1, got 0")
     case("unknown feature", ext("--feature", "xyz", "--source", "noise:pink", "--n", 4, "--out", out("feat")),
          "unknown feature")
     case("CUDA device on a machine without one", ext("--device", "cuda", "--source", "noise:pink", "--n", 4,
                                                     "--out", out("cuda")), "cannot use device")
-    case("--chunk 0", ext("--source", "noise:pink", "--n", 4, "--chunk", 0, "--out", out("c0")), "chunk ≥ 1")
+    case("--chunk 0", ext("--source", "noise:pink", "--n", 4, "--chunk", 0, "--out", out("c0")), "--chunk must be ≥ 1, got 0")
     case("--dtype bfloat16", ext("--source", "noise:pink", "--n", 4, "--dtype", "bfloat16", "--out", out("bf")),
          "bfloat16", "not supported")
     # output locations
