@@ -196,7 +196,15 @@ def planted_section(data_dir: str) -> str:
         return f"_Not rendered: `soapflow.evaluation.planted.markdown_table` is not available ({exc})._"
     with open(path) as f:
         report = json.load(f)
-    return markdown_table(report)
+    d, bb = report.get("data", {}), report.get("backbone", {})
+    head = (f"`{bb.get('backbone')}` block {bb.get('layer')} ({'after' if bb.get('final_norm') else 'before'} the final "
+            f"norm), fit on {d.get('n_real')} `{d.get('real')}` + {d.get('n_synth')} `{d.get('synthetic')}` images, "
+            f"evaluated on {d.get('n_eval')} `{d.get('eval')}` images, read from `docs/data/planted.json`; "
+            "the same setup as a command:\n\n"
+            f"    soap eval planted --backbone {bb.get('backbone')} --n-real {d.get('n_real')} --n-synth {d.get('n_synth')} "
+            f"--n {d.get('n_eval')} --json docs/data/planted.json --plot docs/data/planted.png\n\n"
+            "(the benchmark and its options: `soapflow/evaluation/planted.py`, `benchmarks/planted.py`).")
+    return head + "\n\n" + markdown_table(report)
 
 
 # ------------------------------------------------------------------------------------ page
