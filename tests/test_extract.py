@@ -312,7 +312,7 @@ def test_cli_extract_and_bad_backbone(tmp_path):
     assert open_store(str(tmp_path / "o")).attrs["final_norm"] is False
     badnorm = run("--backbone", "vit_tiny_patch16_224", "--weights", "random", "--source", "noise:pink", "--n", "2",
                   "--out", str(tmp_path / "x"), "--final-norm", "maybe")
-    assert badnorm.returncode == 2 and "error: final norm must be one of auto, on, off, got 'maybe'" in badnorm.stderr
+    assert badnorm.returncode == 2 and "error: --final-norm must be one of auto, on, off, got 'maybe'" in badnorm.stderr
     assert "Traceback" not in badnorm.stderr
 
 
