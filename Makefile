@@ -48,6 +48,7 @@ bench: setup
 	$(BIN)/python benchmarks/store_write.py
 	$(BIN)/python benchmarks/jpeg_loader.py
 	$(BIN)/python benchmarks/refit.py
+	PYTHON=$(BIN)/python bash benchmarks/gpu_check.sh --cpu-dry-run
 
 clean:
 	rm -rf $(VENV) .pytest_cache

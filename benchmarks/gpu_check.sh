@@ -1,46 +1,65 @@
 #!/usr/bin/env bash
-# The refit issue's GPU checks, as one script for a CUDA machine:
-#   1. the CUDA tests (nvJPEG decode, noise generators on CUDA, a CUDA extraction against a CPU one);
-#   2. benchmarks/refit.py with a random-weight ViT-B/16 at 224 px on --n JPEGs + as many noise
-#      images, bf16: pure forward vs extraction (goal ≥ 0.85×; also without read-ahead, with
-#      the two stores in two processes, and with 2 and 4 decode processes) and vs the whole
-#      `soap refit`, at the default chunk (64 images); then extraction alone at chunk 256 on
-#      N2 JPEGs + as many noise images (default 8000: at ~8k img/s a forward of 2000 + 2000
-#      takes half a second, so starting the decode workers and filling the pipeline weigh on
-#      the ratio; this run shows the rate a long extraction keeps).
+# Issue 16's GPU check, as one script for a CUDA machine (≤ 6 min on one H200 with 16 cores):
+#   1. the CUDA tests (nvJPEG decode, streams and the pinned ring, noise on CUDA, a CUDA extraction
+#      against a CPU one);
+#   2. extraction at default settings of N JPEGs (500x375) + N mixture images, ViT-B/16 at 224 px
+#      in bf16, both stores in one process as the refit flow runs them, against the pure forward of
+#      the same images (goal: ≥ 6000 img/s);
+#   3. a whole `soap refit` of NR + NR at default settings, its fixed part (a refit of one chunk per
+#      store) broken down by phase, and the projected wall time of 50 000 + 50 000 (goal ≤ 60 s).
+#   bash benchmarks/gpu_check.sh [N [NR]]        (defaults: 8000, 2000)
+#   bash benchmarks/gpu_check.sh --cpu-dry-run   (the same steps on a CPU, with a tiny ViT at 32 px on
+#                                                 64 + 64 and 32 + 32 images: that it runs end to end)
 # Logs go to $OUT (default /tmp/soapflow-gpu-check). Packages the machine lacks (prefect, zarr,
 # dask, …) are installed from wheels in .whl/ when that folder exists (benchmarks/device_wheels.sh
-# makes it, ~54 MB, before the run):
-#   bash benchmarks/gpu_check.sh [N [N2]]
+# makes it before the run). $PYTHON: the interpreter (default python3).
 set -u
 cd "$(dirname "$0")/.."
-N=${1:-2000}
-N2=${2:-8000}
+PY=${PYTHON:-python3}
+DRY=0
+if [ "${1:-}" = "--cpu-dry-run" ]; then DRY=1; shift; fi
 OUT=${OUT:-/tmp/soapflow-gpu-check}
 mkdir -p "$OUT"
-if [ -d .whl ]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/soapflow-site \
-    .whl/*.whl >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
-  export PYTHONPATH=/tmp/soapflow-site
+if [ $DRY = 1 ]; then
+  N=${1:-64}; NR=${2:-32}
+  MODEL=(--device cpu --backbone vit_tiny_patch16_224 --weights random --image-size 32 --chunk 16)
+  # a shared CPU: one OpenMP thread, which a busy machine cannot stall, and time to spare
+  export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=300
+  T_TESTS=600 T_EXTRACT=600 T_REFIT=900
+else
+  N=${1:-8000}; NR=${2:-2000}
+  T_TESTS=120 T_EXTRACT=150 T_REFIT=180
+  MODEL=(--device cuda --backbone vit_base_patch16_224 --weights random)
+  if [ -d .whl ]; then
+    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/soapflow-site \
+      .whl/*.whl >"$OUT/pip.log" 2>&1 || { tail -20 "$OUT/pip.log"; exit 1; }
+    export PYTHONPATH=/tmp/soapflow-site
+  fi
+  export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # the tests' conftest hides GPUs unless told
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-export CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES:-0}  # the tests' conftest hides GPUs unless told
 export PREFECT_HOME=$(mktemp -d) PREFECT_SERVER_ANALYTICS_ENABLED=false
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "cores: $(nproc)"
-python3 -c "import sys, torch, torchvision, timm, prefect, zarr, dask; print('python', sys.version.split()[0], \
+echo "cores: $(nproc --all)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo ?)"
+$PY -c "import sys, torch, torchvision, timm, prefect, zarr, dask; print('python', sys.version.split()[0], \
 'torch', torch.__version__, 'torchvision', torchvision.__version__, 'timm', timm.__version__, 'prefect', \
 prefect.__version__, 'zarr', zarr.__version__, 'dask', dask.__version__, 'cuda', torch.cuda.is_available())"
+status=0
 
 echo "== CUDA tests"
-timeout 150 python3 -m pytest -q -p no:cacheprovider -rs \
-  tests/test_sources.py tests/test_noise_generators.py tests/test_extract.py \
+timeout $T_TESTS $PY -m pytest -q -p no:cacheprovider -rs \
+  tests/test_sources.py tests/test_noise_generators.py tests/test_extract.py tests/test_scheduler.py \
   -k "cuda or nvjpeg or device_decode or transform_pixels" 2>&1 | tee "$OUT/pytest.log" | tail -15
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "(exit $rc)"; status=1; }
 
-for RUN in "64 $N" "256 $N2 --no-refit"; do
-  set -- $RUN
-  echo "== refit benchmark, chunk $1, $2 JPEGs"
-  timeout 240 python3 benchmarks/refit.py --device cuda --backbone vit_base_patch16_224 --weights random \
-    --jpegs --n "$2" --chunk "$1" --extraction ${3:-} 2>&1 | tee "$OUT/refit-chunk$1.log" | tail -24
-done
-bash benchmarks/fit_check.sh  # the fit (issue 17): CUDA tests, fit.py --scale
+echo "== extraction at default settings, $N JPEGs + $N noise images"
+timeout $T_EXTRACT $PY benchmarks/refit.py "${MODEL[@]}" --jpegs --n "$N" --extraction --no-refit --no-variants \
+  2>&1 | tee "$OUT/extraction.log" | tail -12
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "(exit $rc)"; status=1; }
+
+echo "== whole soap refit, $NR JPEGs + $NR noise images; projected 50000 + 50000"
+timeout $T_REFIT $PY benchmarks/refit.py "${MODEL[@]}" --jpegs --n "$NR" --project 50000 \
+  2>&1 | tee "$OUT/refit.log" | tail -12
+rc=${PIPESTATUS[0]}; [ "$rc" = 0 ] || { echo "(exit $rc)"; status=1; }
+[ $DRY = 1 ] || bash benchmarks/fit_check.sh  # the fit (issue 17): CUDA tests, fit.py --scale
+exit $status

@@ -19,15 +19,17 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import dataclasses
 from dataclasses import asdict
 from pathlib import Path
 
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
-from soapflow import cancel
+from soapflow import cancel, timeline
 from soapflow.common import default_workdir, is_url, slug
 from soapflow.config import BackboneSpec, EvalSettings, RefitConfig, RunSettings
+from soapflow.extract import default_chunk
 from tasks.extract import extract_shard, finalize_store, prepare_store
 from tasks.fit import fit_artifact
 from tasks.publish import publish_artifact
@@ -44,10 +46,11 @@ def store_uri(workdir: Path, named: dict, source: str, n, seed: int, run: RunSet
                / f"{slug(source)}-{digest}")
 
 
-def _extract(spec: BackboneSpec, uri: str, source: str, n, seed: int, run: RunSettings):
+def _extract(spec: BackboneSpec, uri: str, source: str, n, seed: int, run: RunSettings,
+             cpu_decode_share: float | None = None):
     plan = prepare_store.submit(uri, spec, source, n, seed, run.chunk, run.dtype, run.shards).result()
     futures = [extract_shard.submit(plan.uri, plan.created, chunks, spec, source, n, seed, run.num_workers,
-                                    run.progress)
+                                    run.progress, cpu_decode_share=cpu_decode_share)
                for chunks in plan.shards]
     return plan, futures, finalize_store.submit(plan.uri, futures)
 
@@ -72,6 +75,7 @@ def quick_local_run(config: RefitConfig):
 
         server = temporary_server()
         server.start()
+        timeline.mark("server process start")
     try:
         b, d = config.backbone.on_device(), config.data
         loaded = preflight.load_inputs(b.name, b.weights, b.layer, b.feature, b.image_size, b.device, d.real, d.n_real,
@@ -80,15 +84,19 @@ def quick_local_run(config: RefitConfig):
         if server is not None:
             server.stop()
         raise
+    timeline.mark("model (torch, timm imports included) and source scan")
     with contextlib.suppress(Exception):
         import distributed  # noqa: F401  what the fit and its plots import, while the server starts
         import matplotlib.pyplot  # noqa: F401
+    timeline.mark("fit's imports")
     quiet_input_errors(console=True)
     if server is None:
         yield loaded
         return
+    url = server.wait_ready()
+    timeline.mark("waiting for the server")
     # no UI URL: this server serves no UI, so Prefect should not print "View at" links to it
-    with temporary_settings(updates={PREFECT_API_URL: server.wait_ready(), PREFECT_UI_URL: "",
+    with temporary_settings(updates={PREFECT_API_URL: url, PREFECT_UI_URL: "",
                                      PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
         yield loaded
 
@@ -116,6 +124,7 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
     """
     from soapflow.extract import load
 
+    timeline.mark("flow run created")
     quiet_input_errors()
     logger = get_run_logger()
     data, run, output = config.data, config.run, config.output
@@ -129,8 +138,11 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
     logger.info("backbone %s layer %d (%s, %s the final norm) grid %s dim %d on %s", bb.name, bb.layer, bb.feature,
                 "after" if bb.final_norm_at() else "before", bb.grid, bb.dim, spec.device)
 
+    # the chunk by device when not given: the store's name and layout then say which it is
+    run = dataclasses.replace(run, chunk=run.chunk or default_chunk(spec.device))
     real_uri = store_uri(work, named, data.real, data.n_real, data.seed, run)
-    real_plan, real_shards, real_done = _extract(spec, real_uri, data.real, data.n_real, data.seed, run)
+    real_plan, real_shards, real_done = _extract(spec, real_uri, data.real, data.n_real, data.seed, run,
+                                                 run.cpu_decode_share)
     synth_n = data.n_synth or real_plan.count
     synth_uri = store_uri(work, named, data.synthetic, synth_n, data.seed, run)
     _, synth_shards, synth_done = _extract(spec, synth_uri, data.synthetic, synth_n, data.seed, run)
@@ -145,11 +157,13 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
         # a failed extraction's own error (bad input, Ctrl-C): finalizing after it would only say
         # "upstream task did not complete"
         shard.result()
-    cancel.check()  # Ctrl-C between stages: the stores are complete, the fit has not started
     real_extracted, synth_extracted = real_done.result(), synth_done.result()
+    timeline.mark("extraction")
+    cancel.check()  # Ctrl-C between stages: the stores are complete, the fit has not started
     fitted = fit_artifact.submit(real_extracted.uri, synth_extracted.uri, artifact_dir, config.fit,
                                  dask_address=run.dask_address, extra_manifest={"lineage": lineage},
                                  device=spec.device).result()
+    timeline.mark("fit")
     result = {
         "artifact": fitted.path,
         "content_hash": fitted.content_hash,
@@ -179,10 +193,13 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
                                     n=output.eval_n)
             result["evaluation"] = evaluate(published.ref, settings, registry=published.registry,
                                             weights=spec.weights, device=spec.device, progress=False)
+    timeline.mark("publish")
     from storage.html_report import refit_report
 
     result["report"] = str(refit_report(result["artifact"], result.get("registry"), result["ref"]))
+    timeline.mark("report")
     _publish_prefect_artifacts(result, bb)
+    timeline.mark("prefect artifacts")
     return result
 
 

@@ -156,10 +156,11 @@ class DataSpec:
 class RunSettings:
     """How the work runs: store layout, parallelism, where it goes, progress bars."""
 
-    chunk: int = DEFAULT_CHUNK
+    chunk: int | None = None  # None: by device (soapflow.extract.default_chunk)
     dtype: str = DEFAULT_DTYPE
     shards: int = 1  # parallel extraction tasks per store
     num_workers: int | None = None  # DataLoader decode processes per extraction
+    cpu_decode_share: float | None = None  # of the real images decoded by Pillow beside nvJPEG; None: by device
     workdir: str | None = None  # None: soapflow.common.default_workdir()
     dask_address: str | None = None
     progress: bool = True

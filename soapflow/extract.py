@@ -1,20 +1,22 @@
 """Feature extraction: images from a source → backbone tokens → one feature-store chunk at a time.
 
-The unit of work is one store chunk: decode (DataLoader workers) → forward → write the
-chunk whole → flag it complete. Decoding runs ahead in worker processes (on a GPU, where
-they only read JPEGs for nvJPEG; on a CPU it runs in this process, beside the other
-extraction's forward pass) and writing runs behind in a thread, so the forward pass never
-waits on either. A rerun skips flagged chunks; since every image is a pure function of
-the source and its index, a resumed store is identical to an uninterrupted one.
+The unit of work is one store chunk: decode or generate → forward → write the chunk whole → flag
+it complete. One scheduler thread per device runs the forwards of every extraction in this process
+(real ∥ synthetic in a refit), taking their ready chunks in turn (``soapflow.scheduler``); on a GPU
+the chunks are made ahead in threads of their own (nvJPEG beside Pillow in decode processes, noise
+on the GPU), copies in and out overlap the forward on streams of their own
+(``soapflow.device_io``), and a pool of threads writes several chunks at once, so the forward
+waits on neither side. A rerun skips flagged chunks; since every image is a pure function of the
+source, its index and the settings, a resumed store is identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from functools import lru_cache
 
@@ -25,11 +27,17 @@ from soapflow.errors import SoapError
 from storage.feature_store import FeatureStore, store_lease
 
 DEFAULT_CHUNK = config.DEFAULT_CHUNK
+DEFAULT_GPU_CHUNK = 256  # on a GPU, where a small chunk leaves it idle between forwards
+DEFAULT_WRITERS = 4  # threads writing chunks: several in flight, never on the forward's path
 
-# One forward pass at a time per device in this process: concurrent extractions (real ∥
-# synthetic) then interleave their chunks instead of oversubscribing the cores or the GPU,
-# while decoding and writing keep running beside them.
-_DEVICE_LOCKS: defaultdict[str, threading.Lock] = defaultdict(threading.Lock)
+#: What one H200 did, each part alone (benchmarks/gpu_check.sh; issue 16), in images per second:
+#: the basis of ``default_cpu_decode_share``.
+GPU_RATES = {"forward": 8700, "nvjpeg": 8600, "noise": 19400, "pillow_per_process": 175}
+
+
+def default_chunk(device: str | None) -> int:
+    """Images per store chunk by default on ``device``."""
+    return DEFAULT_GPU_CHUNK if str(device or "cpu").startswith("cuda") else DEFAULT_CHUNK
 
 
 _BACKBONE_LOCK = threading.Lock()
@@ -141,29 +149,60 @@ class ExtractStats:
 TIMINGS = tuple(f.name for f in fields(ExtractStats) if f.name.endswith("seconds"))
 
 
+def default_cpu_decode_share(device, num_workers: int) -> float:
+    """The share of JPEGs that decode processes take with Pillow beside nvJPEG (``cpu_decodes``):
+    on CUDA, where ``GPU_RATES`` says the CPU and the GPU would finish a refit's mix of JPEGs and
+    noise together; 0 elsewhere (on a CPU every image is Pillow's anyway). A function of the
+    settings only, never of timings: two runs split the same way."""
+    if not str(device).startswith("cuda") or num_workers < 1:
+        return 0.0
+    r = GPU_RATES
+    gpu = 2 / r["forward"] + 1 / r["noise"] + 1 / r["nvjpeg"]  # seconds per JPEG + noise pair if s = 0
+    share = gpu / (1 / (num_workers * r["pillow_per_process"]) + 1 / r["nvjpeg"])
+    return round(min(0.9, share), 2)
+
+
+def default_workers(device) -> int:
+    """Decode processes: none on a CPU (they would take the forward's cores); on a GPU all cores
+    but two (the device thread and the writers), for the hybrid decode."""
+    if str(device).startswith("cpu"):
+        return 0
+    return max(1, min(16, (os.cpu_count() or 1) - 2))
+
+
 def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | None = None, *,
                    num_workers: int | None = None, progress: bool = True, desc: str | None = None,
-                   read_ahead: bool | None = None) -> ExtractStats:
+                   read_ahead: bool | None = None, cpu_decode_share: float | None = None,
+                   writers: int | None = None) -> ExtractStats:
     """Fill the given chunks (default: all pending ones); already complete chunks are skipped.
 
-    ``read_ahead`` (default: on a GPU) makes the next chunk's images in a thread of their own
-    while this chunk's forward pass runs: there nvJPEG decoding and noise generation would
-    otherwise wait for the forward, and the forward for them. On a CPU they would only take
-    cores from the forward (there they hold the device lock instead).
+    The forward passes run on the device's scheduler thread (``soapflow.scheduler``), which takes
+    this extraction's chunks in turn with those of any other extraction on the device.
+    ``read_ahead`` (default: on a GPU) makes the chunks in a thread of their own, ahead of the
+    forward: there nvJPEG decoding and noise generation would otherwise wait for the forward, and
+    the forward for them. On a CPU they are made on the device thread, in their turn, where they
+    take no cores from a forward. ``writers`` threads (default ``DEFAULT_WRITERS``) write the
+    chunks, several at a time, off the forward's path; a chunk is flagged complete only once
+    written. ``cpu_decode_share``: see ``default_cpu_decode_share``.
 
     Holds the store's lease shared: shards of one run fill chunks side by side, while a
     concurrent exclusive writer (``extract`` or creating the store) is refused."""
     return _fill({None: store}, backbone, source, chunks, num_workers=num_workers, progress=progress, desc=desc,
-                 read_ahead=read_ahead)
+                 read_ahead=read_ahead, cpu_decode_share=cpu_decode_share, writers=writers)
 
 
 def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_workers: int | None, progress: bool,
-          desc: str | None, read_ahead: bool | None) -> ExtractStats:
+          desc: str | None, read_ahead: bool | None, cpu_decode_share: float | None = None,
+          writers: int | None = None) -> ExtractStats:
     """``extract_chunks`` for one forward pass feeding several stores: ``stores`` maps a block
     index to its store (``{None: store}``: the backbone's own block, through ``backbone.tokens``).
-    The stores share the source and the chunking; a chunk is written where it is pending."""
+    Several blocks go through the device scheduler as one job whose forward runs the backbone
+    once and copies each block's tokens into that block's own host ring."""
     import torch
     from tqdm.auto import tqdm
+
+    from soapflow.device_io import device_io
+    from soapflow.scheduler import Job, device_scheduler
 
     with contextlib.ExitStack() as held:
         for store in stores.values():
@@ -176,164 +215,130 @@ def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_worke
             return stats
         device = backbone.device
         first = next(iter(stores.values()))
+        workers = _decode_workers(num_workers, device)
+        share = default_cpu_decode_share(device, workers) if cpu_decode_share is None else cpu_decode_share
         for store in stores.values():
-            _note_decoder(store, source, backbone)
+            _note_decoder(store, source, backbone, share)
         dtype = getattr(torch, str(first.tokens.dtype))  # float16 or float32
         layers = None if None in stores else sorted(stores)
         ranges = [first.chunk_range(c) for c in todo]
-        lock = _WaitedLock(_DEVICE_LOCKS[str(device)])
         if read_ahead is None:
             read_ahead = not str(device).startswith("cpu")
-        # (a loader reading ahead waits for the lock in its own thread, uncounted: this thread's
-        # waits are what "device busy" reports)
-        loader = _loader(source, ranges, backbone, num_workers, device, None if read_ahead else lock)
-        loader = contextlib.closing(_read_ahead(loader) if read_ahead else loader)
+        io = device_io(device)
+        loader = io.on_producer_stream(_loader(source, ranges, backbone, workers, device, share),
+                                       io.producer_stream())
+        writers = max(1, int(writers or DEFAULT_WRITERS))
+        rings = {key: io.ring(writers + 2, (store.chunk, *store.tokens.shape[1:]), dtype)
+                 for key, store in stores.items()}
+        scheduler = device_scheduler(device)
         bar = tqdm(total=sum(len(r) for r in ranges), desc=desc or f"extract {source.spec}", unit="img",
                    disable=not progress, smoothing=0.1)
+        counted = threading.Lock()
+        left = {}  # position -> stores still to write for that chunk
+
+        def forward(item):
+            images, ready = item
+            if layers is None:
+                return {None: io.forward(backbone, images, ready, rings[None])}
+            # one backbone pass; each block's tokens then go through the ring copy of its own
+            outputs = {}
+
+            def tokens_of(x, layer):
+                if not outputs:
+                    outputs.update(backbone.tokens_multi(x, layers))
+                return outputs[layer]
+
+            return {l: io.forward(backbone, images, ready, rings[l], tokens_of=lambda x, l=l: tokens_of(x, l))
+                    for l in layers}
+
+        def write(position, key, host):
+            c = todo[position]
+            try:
+                tokens, finite = host.wait()
+                if c in pending[key]:
+                    stores[key].write_chunk(c, tokens, finite_before_cast=finite)
+            except BaseException as e:  # the chunk stays unflagged; the extraction stops with it
+                job.fail(e)
+                raise
+            finally:
+                host.release()
+                scheduler.wake()
+            with counted:
+                left[position] -= 1
+                last = left[position] == 0
+                if last:
+                    stats.images += host.rows
+                    stats.chunks += 1
+            if last:
+                bar.update(host.rows)
+
+        def done(position, hosts):
+            if job.failed():
+                for host in hosts.values():
+                    host.release()
+                return
+            with counted:
+                left[position] = len(hosts)
+            for key, host in hosts.items():
+                pool.submit(write, position, key, host)
+
+        # Ctrl-C: the job stops before its next chunk; the chunks written so far stay flagged
+        job = Job(loader, forward, done, prefetch=read_ahead,
+                  room=lambda: all(r.available() for r in rings.values()), name=f"{source.spec}",
+                  check=cancel.check)
         start = time.perf_counter()
         try:  # close the bar even on failure: an error message then starts on a line of its own
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer") as writer, loader as chunks_in:
-                in_flight: list[Future] = []
-                t = time.perf_counter()
-                for position, images in chunks_in:
-                    cancel.check()  # Ctrl-C: stop before this chunk; the ones written so far stay flagged
-                    waited = lock.waited()  # (noise is made, and CPUs decode, holding the lock)
-                    stats.input_seconds += time.perf_counter() - t - waited
-                    stats.device_wait_seconds += waited
+            with ThreadPoolExecutor(max_workers=writers, thread_name_prefix="store-writer") as pool:
+                scheduler.submit(job)
+                try:
+                    times = job.result()
+                except BaseException as e:  # Ctrl-C here, say: the device thread drops the job too
+                    job.fail(e)
+                    job.wait_finished()
+                    raise
+                finally:
                     t = time.perf_counter()
-                    with lock:
-                        outputs = _forward_to_host(backbone, images, dtype, layers)
-                    c = todo[position]
-                    for key, (tokens, copied) in outputs.items():
-                        finite = copied()  # outside the lock: the other extraction queues its work meanwhile
-                        if c in pending[key]:
-                            in_flight.append(writer.submit(stores[key].write_chunk, c, tokens,
-                                                           finite_before_cast=finite))
-                    waited = lock.waited()
-                    stats.forward_seconds += time.perf_counter() - t - waited
-                    stats.device_wait_seconds += waited
-                    # keep at most two chunks waiting on the disk: memory stays bounded
-                    t = time.perf_counter()
-                    while len(in_flight) > 2 * len(stores):
-                        in_flight.pop(0).result()
+                    pool.shutdown(wait=True)  # every chunk handed over is written (and flagged) or failed
                     stats.write_wait_seconds += time.perf_counter() - t
-                    stats.images += len(ranges[position])
-                    stats.chunks += 1
-                    bar.update(len(ranges[position]))
-                    t = time.perf_counter()
-                for f in in_flight:
-                    f.result()
+            job.result()  # a write that failed after the last chunk's forward
         finally:
             bar.close()
+    stats.forward_seconds += times.forward
+    stats.input_seconds += times.input
+    stats.write_wait_seconds += times.disk
+    stats.device_wait_seconds += times.device_busy
     stats.seconds = time.perf_counter() - start
     return stats
 
 
-def _note_decoder(store: FeatureStore, source, backbone) -> None:
+def _note_decoder(store: FeatureStore, source, backbone, cpu_decode_share: float = 0.0) -> None:
     """Add what decodes this run's images to the store's ``decoded_by`` before writing a chunk: a
-    store resumed on another device has some chunks from each (nvJPEG and Pillow round differently)."""
+    store resumed on another device (or with another split) has some chunks from each, and
+    nvJPEG's pixels differ slightly from Pillow's."""
     from soapflow.sources import decoder_name
 
-    name = decoder_name(source, backbone.device, backbone.interpolation or "bicubic")
+    name = decoder_name(source, backbone.device, backbone.interpolation or "bicubic", cpu_decode_share)
     known = list(store.attrs.get("decoded_by") or [])
     if name is not None and name not in known:
         store.note(decoded_by=sorted([*known, name]))
 
 
-def _forward_to_host(backbone, images, dtype, layers: list[int] | None = None) -> dict:
-    """Tokens of one chunk (``layers``: of these blocks, from one forward pass; None: of the
-    backbone's own block), each cast to the store's ``dtype`` where it is (torch casts to float16
-    faster than numpy, and a GPU then copies half the bytes), as ``{layer or None: (host array,
-    wait)}``: ``wait()`` waits until the array is there and says whether the tokens were finite
-    before the cast. On CUDA the copy goes asynchronously into pinned memory, so the caller can
-    let go of the device lock before the GPU has finished: the GPU then never idles between chunks."""
-    import numpy as np
-    import torch
-
-    x = images.to(backbone.device, non_blocking=True)
-    outputs = {None: backbone.tokens(x)} if layers is None else backbone.tokens_multi(x, layers)
-    host_arrays = {}
-    for key, tokens in outputs.items():
-        if tokens.device.type != "cuda":
-            tokens = tokens.cpu()
-            finite = bool(np.isfinite(tokens.numpy()).all())  # numpy's test, unlike its cast, is fast
-            host_arrays[key] = (tokens.to(dtype).numpy(), lambda finite=finite: finite)
-            continue
-        host = torch.empty(tokens.shape, dtype=dtype, pin_memory=True)
-        host.copy_(tokens.to(dtype), non_blocking=True)
-        finite = torch.empty((), dtype=torch.bool, pin_memory=True)
-        finite.copy_(torch.isfinite(tokens).all(), non_blocking=True)
-        done = torch.cuda.Event()
-        done.record(torch.cuda.current_stream(tokens.device))
-        host_arrays[key] = (host.numpy(), lambda done=done, finite=finite: done.synchronize() or bool(finite))
-    return host_arrays
-
-
-_END = object()
-
-
-def _read_ahead(items):
-    """Iterate ``items`` one item ahead, in a thread of its own: the next item is being made
-    while the caller works on this one. (On CUDA the two threads share the default stream, so
-    the kernels stay in order; nvJPEG and the DataLoader's waits release the GIL. DataLoader
-    workers are forked from a plain thread all the same: see ``sources.loader._start_workers``.)"""
-    it = iter(items)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="read-ahead") as pool:
-        upcoming = pool.submit(next, it, _END)
-        try:
-            while (item := upcoming.result()) is not _END:
-                upcoming = pool.submit(next, it, _END)
-                yield item
-        finally:
-            # stopped early (an error downstream): let the item being made finish, then close
-            # the source, so its DataLoader workers stop now and not at garbage collection
-            wait([upcoming])
-            close = getattr(it, "close", None)
-            if close is not None:
-                close()
-
-
-class _WaitedLock:
-    """A lock that adds up the seconds spent waiting for it."""
-
-    def __init__(self, lock: threading.Lock):
-        self._lock, self._seconds = lock, 0.0
-
-    def __enter__(self):
-        t = time.perf_counter()
-        self._lock.acquire()
-        self._seconds += time.perf_counter() - t
-
-    def __exit__(self, *exc):
-        self._lock.release()
-
-    def waited(self) -> float:
-        """Seconds spent waiting since the last call."""
-        seconds, self._seconds = self._seconds, 0.0
-        return seconds
-
-
-def _loader(source, ranges, backbone, num_workers, device, lock=None):
+def _decode_workers(num_workers, device) -> int:
     import multiprocessing
 
-    from soapflow.sources import chunk_loader
-
-    if num_workers is None:
-        # on a CPU, decode processes would take slices from the forward pass's threads
-        num_workers = 0 if str(device).startswith("cpu") else 1
     if multiprocessing.current_process().daemon:
         # dask worker processes are daemonic and may not fork DataLoader workers; the
         # cluster's own worker processes give the parallelism there.
-        num_workers = 0
-    # On a CPU, making images takes the device lock so it does not fight the other forward for
-    # the cores; on a GPU it would only make the other extraction wait for nvJPEG and noise kernels.
-    if not str(device).startswith("cpu"):
-        lock = contextlib.nullcontext()
-    elif lock is None:
-        lock = _DEVICE_LOCKS[str(device)]
+        return 0
+    return default_workers(device) if num_workers is None else max(0, int(num_workers))
+
+
+def _loader(source, ranges, backbone, num_workers, device, cpu_decode_share: float = 0.0):
+    from soapflow.sources import chunk_loader
+
     return chunk_loader(source, ranges, backbone.image_size, backbone.mean, backbone.std,
-                        num_workers=num_workers, device=device, interpolation=backbone.interpolation or "bicubic",
-                        device_lock=lock)
+                        num_workers=_decode_workers(num_workers, device), device=device,
+                        interpolation=backbone.interpolation or "bicubic", cpu_decode_share=cpu_decode_share)
 
 
 def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
@@ -342,25 +347,28 @@ def split_chunks(chunks: list[int], parts: int) -> list[list[int]]:
     return [chunks[i::parts] for i in range(parts)] if chunks else []
 
 
-def extract(backbone: BackboneSpec, source_spec: str, out: str, *, n: int | None = None, chunk: int = DEFAULT_CHUNK,
+def extract(backbone: BackboneSpec, source_spec: str, out: str, *, n: int | None = None, chunk: int | None = None,
             seed: int = 0, dtype: str = "float16", num_workers: int | None = None,
-            storage_options: dict | None = None, progress: bool = True, compress: bool = False):
-    """Extract one complete feature store; returns ``(store, stats)``. ``compress``: zstd on the
-    tokens (a new store only)."""
+            storage_options: dict | None = None, progress: bool = True, compress: bool = False,
+            cpu_decode_share: float | None = None):
+    """Extract one complete feature store; returns ``(store, stats)``. ``chunk``: default by device
+    (``default_chunk``); ``compress``: zstd on the tokens (a new store only)."""
     backbone = load(backbone)
+    device = backbone.device
     source = cached_source(source_spec, n, seed)
     # one extraction per store at a time: a second one refuses at once, naming the first
     with store_lease(out, storage_options):
-        store = open_store_for(out, backbone, source, chunk=chunk, dtype=dtype, storage_options=storage_options,
-                               compress=compress)
-        stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress)
+        store = open_store_for(out, backbone, source, chunk=chunk or default_chunk(device), dtype=dtype,
+                               storage_options=storage_options, compress=compress)
+        stats = extract_chunks(store, backbone, source, num_workers=num_workers, progress=progress,
+                               cpu_decode_share=cpu_decode_share)
         store.finalize(count=store.count)
     return store, stats
 
 
-def extract_layers(backbone, source, uris: dict[int, str], *, chunk: int = DEFAULT_CHUNK, dtype: str = "float16",
+def extract_layers(backbone, source, uris: dict[int, str], *, chunk: int | None = None, dtype: str = "float16",
                    num_workers: int | None = None, storage_options: dict | None = None, progress: bool = True,
-                   desc: str | None = None) -> tuple[dict[int, FeatureStore], ExtractStats]:
+                   desc: str | None = None, cpu_decode_share: float | None = None) -> tuple[dict[int, FeatureStore], ExtractStats]:
     """Several blocks' tokens from one pass over ``source``: block ``l`` into the complete store
     ``uris[l]`` (one forward pass per chunk for all of them; each store as ``extract`` writes
     it for that block, resumable the same way). Returns ``({layer: store}, stats)``."""
@@ -374,10 +382,10 @@ def extract_layers(backbone, source, uris: dict[int, str], *, chunk: int = DEFAU
         stores = {}
         for l in layers:
             held.enter_context(store_lease(uris[l], storage_options))
-            stores[l] = open_store_for(uris[l], dataclasses.replace(backbone, layer=l), source, chunk=chunk,
-                                       dtype=dtype, storage_options=storage_options)
+            stores[l] = open_store_for(uris[l], dataclasses.replace(backbone, layer=l), source,
+                                       chunk=chunk or default_chunk(backbone.device), dtype=dtype, storage_options=storage_options)
         stats = _fill(stores, backbone, source, None, num_workers=num_workers, progress=progress, desc=desc,
-                      read_ahead=None)
+                      read_ahead=None, cpu_decode_share=cpu_decode_share)
         for store in stores.values():
             store.finalize(count=store.count)
     return stores, stats

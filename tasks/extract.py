@@ -35,14 +35,15 @@ def prepare_store(uri: str, spec: BackboneSpec, source: str, n: int | None, seed
 @task(name="extract-chunks", tags=["gpu"], retries=2, retry_delay_seconds=2, retry_condition_fn=retry_transient,
       cache_policy=(INPUTS - "progress") + TASK_SOURCE, persist_result=True)
 def extract_shard(uri: str, created: str, chunks: list[int], spec: BackboneSpec, source: str, n: int | None,
-                  seed: int, num_workers: int | None, progress: bool = True) -> ex.ExtractStats:
+                  seed: int, num_workers: int | None, progress: bool = True,
+                  cpu_decode_share: float | None = None) -> ex.ExtractStats:
     from storage.feature_store import FeatureStore
 
     backbone = ex.load(spec)
     src = ex.cached_source(source, n, seed)
     store = FeatureStore.open(uri, mode="r+")
     return ex.extract_chunks(store, backbone, src, chunks, num_workers=num_workers, progress=progress,
-                             desc=f"extract {source}")
+                             desc=f"extract {source}", cpu_decode_share=cpu_decode_share)
 
 
 @task(name="finalize-store", cache_policy=NO_CACHE)

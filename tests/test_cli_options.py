@@ -103,7 +103,7 @@ def test_registry_and_storage_options_wherever_a_registry_or_store_uri_is_taken(
 def test_defaults_agree_with_the_flows_and_functions():
     from flows.refit import refit as refit_flow
     from soapflow.backbones import DEFAULT_BACKBONE
-    from soapflow.extract import DEFAULT_CHUNK
+    from soapflow.extract import DEFAULT_CHUNK, default_chunk
     from soapflow.fit import fit_to_artifact
 
     config = inspect.signature(refit_flow.fn).parameters["config"].default  # a RefitConfig
@@ -119,7 +119,10 @@ def test_defaults_agree_with_the_flows_and_functions():
     for flag in ("tau", "gamma", "threshold"):
         assert _option(COMMANDS[("fit",)], f"--{flag}").default == getattr(fit, flag)
     assert float(_option(COMMANDS[("fit",)], "--mu").default) == fit.mu
-    assert DEFAULT_BACKBONE == defaults.DEFAULT_BACKBONE and _option(refit, "--chunk").default == DEFAULT_CHUNK
+    assert DEFAULT_BACKBONE == defaults.DEFAULT_BACKBONE and _option(refit, "--chunk").default is None
+    # --chunk: by device (soapflow.extract.default_chunk), in the flow as in the command
+    assert config.run.chunk is None
+    assert default_chunk("cpu") == DEFAULT_CHUNK
     from soapflow.backbones import FINAL_NORM
     from soapflow.preflight import FINAL_NORM_CHOICES
 

@@ -89,7 +89,7 @@ def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
 
     monkeypatch.setattr(ex, "_loader", slow_loader)
     monkeypatch.setattr(store, "write_chunk", lambda i, t, **kw: (time.sleep(0.3), write(i, t, **kw)))  # a slow disk
-    stats = extract_chunks(store, bb, src, progress=False)
+    stats = extract_chunks(store, bb, src, progress=False, writers=1)  # one writer: the disk is the limit
     assert stats.chunks == 6 and store.pending_chunks() == []
     assert stats.input_seconds >= 0.6 and stats.write_wait_seconds >= 0.5  # 6 × 0.3 s behind 0.6 s of input
     assert stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds

@@ -24,11 +24,12 @@ def extract(
     n: Annotated[Optional[int], typer.Option(help="Number of images (required for noise; default: all the source has).",
                                              show_default=False)] = None,
     image_size: opt.ImageSize = None,
-    chunk: opt.Chunk = DEFAULT_CHUNK,
+    chunk: opt.Chunk = None,
     seed: opt.Seed = 0,
     dtype: opt.Dtype = defaults.DEFAULT_DTYPE,
     device: opt.Device = None,
     workers: opt.Workers = None,
+    cpu_decode_share: opt.CpuDecodeShare = None,
     compress: Annotated[bool, typer.Option(help="zstd on the tokens of a new store: float16 tokens shrink only to "
                                                 "~92 % and the fit reads ~5 % slower, but an object store may bill by the byte.")] = False,
     storage_option: opt.StorageOption = None,
@@ -41,6 +42,8 @@ def extract(
     final_norm = preflight.final_norm(final_norm)
     if workers is not None:
         preflight.count("--workers", workers, minimum=0)
+    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
+        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
     storage_options = opt.parse_storage_options(storage_option)
     from rich.console import Console
 
@@ -58,7 +61,8 @@ def extract(
         spec = BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
                             image_size=image_size, device=device)
         store, stats = run_extract(spec, source, out, n=n, chunk=chunk, seed=seed, dtype=dtype, num_workers=workers,
-                                   compress=compress, storage_options=storage_options)
+                                   compress=compress, storage_options=storage_options,
+                                   cpu_decode_share=cpu_decode_share)
     attrs = store.attrs
     codecs = ", ".join(type(c).__name__ for c in store.tokens.compressors) or "uncompressed"
     console.print(f"store: {store.uri}  tokens {store.shape} {store.tokens.dtype} ({codecs}), block {attrs.get('layer')} "
@@ -97,9 +101,10 @@ def refit(
     tau: opt.Tau = defaults.DEFAULT_TAU,
     gamma: opt.Gamma = defaults.DEFAULT_GAMMA,
     threshold: opt.Threshold = defaults.DEFAULT_THRESHOLD,
-    chunk: opt.Chunk = DEFAULT_CHUNK,
+    chunk: opt.Chunk = None,
     device: opt.Device = None,
     workers: opt.Workers = None,
+    cpu_decode_share: opt.CpuDecodeShare = None,
     shards: Annotated[int, typer.Option(help="Parallel extraction tasks per store.")] = 1,
     workdir: opt.Workdir = None,
     out: Annotated[Optional[str], typer.Option(
@@ -115,7 +120,9 @@ def refit(
                                                         show_default=False)] = None,
 ) -> None:
     """Run the refit flow: extract real ∥ synthetic tokens, fit, write (and publish) the artifact."""
-    from soapflow import preflight
+    from soapflow import preflight, timeline
+
+    timeline.mark("start, CLI imports")
 
     # everything that needs no model, before anything starts
     fit = FitParams.parse(mu, tau=tau, gamma=gamma, threshold=threshold)
@@ -125,6 +132,8 @@ def refit(
     final_norm = preflight.final_norm(final_norm)
     if workers is not None:
         preflight.count("--workers", workers, minimum=0)
+    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
+        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
     storage_options = opt.parse_storage_options(storage_option)
     _check_refit_out(out)
     evaluations = [e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None
@@ -142,12 +151,14 @@ def refit(
     from soapflow import cancel
     from soapflow.extract import TIMINGS, ExtractStats
 
+    timeline.mark("prefect and flow imports")
     config = RefitConfig(
         backbone=BackboneSpec(backbone, weights=weights, layer=layer, feature=feature, final_norm=final_norm,
                               image_size=image_size, device=opt.resolve_device(device)),
         fit=fit,
         data=DataSpec(real=data, n_real=n_real, generator=generator, n_synth=n_synth, seed=seed),
-        run=RunSettings(chunk=chunk, shards=shards, num_workers=workers, workdir=workdir, dask_address=dask_address),
+        run=RunSettings(chunk=chunk, shards=shards, num_workers=workers, cpu_decode_share=cpu_decode_share,
+                        workdir=workdir, dask_address=dask_address),
         output=OutputSettings(out=out, registry=registry, name=name, publish=publish, storage_options=storage_options,
                               evaluate_after=tuple(evaluations) if evaluations else None),
     )
@@ -161,8 +172,10 @@ def refit(
     with quick_local_run(config) as loaded:
         for note in loaded.notes:
             console.print(f"note: {note}")
+        timeline.mark("settings")
         with cancel.deferred():  # Ctrl-C: the extraction threads stop at their next chunk
             result = flow(config)
+    timeline.mark("flow end, server stop")
     table = Table(title="Top SI scores")
     for col in ("rank", "SI score", "weight", "explained var."):
         table.add_column(col, justify="right")

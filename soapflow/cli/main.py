@@ -110,6 +110,9 @@ def _exit_without_teardown(status: list[int]) -> None:
     # Registered first, so it runs after every other atexit hook (Prefect's log and event
     # workers draining, the temporary server stopping). What it skips is the interpreter tearing down
     # torch, Prefect and thousands of modules, which changes nothing on disk.
+    from soapflow import timeline
+
+    timeline.report()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status[0])

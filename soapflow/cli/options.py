@@ -15,11 +15,11 @@ import typer
 
 from soapflow import defaults
 from soapflow.errors import SoapError
-from soapflow.extract import DEFAULT_CHUNK
+from soapflow.extract import DEFAULT_CHUNK, DEFAULT_GPU_CHUNK
 
 __all__ = [
     "Backbone", "Weights", "Layer", "Feature", "FinalNorm", "ImageSize", "Data", "NReal", "NSynth", "Generator", "Seed",
-    "Mu", "Tau", "Gamma", "Threshold", "Chunk", "Dtype", "Device", "Workers", "Workdir", "ScanWorkdir",
+    "Mu", "Tau", "Gamma", "Threshold", "Chunk", "Dtype", "Device", "Workers", "CpuDecodeShare", "Workdir", "ScanWorkdir",
     "Registry", "StorageOption", "Quiet", "DEFAULT_CHUNK", "DEVICE_DEFAULT_TEXT", "parse_mu",
     "parse_storage_options", "positive", "resolve_device",
 ]
@@ -54,10 +54,16 @@ NSynth = Annotated[Optional[int], typer.Option(
 Generator = Annotated[str, typer.Option(
     help="Noise generator of the synthetic images (see `soap noise preview`): mixture, pink, gradient, …")]
 Seed = Annotated[int, typer.Option(help="Seed of the synthetic images (and of any subsampling).")]
-Chunk = Annotated[int, typer.Option(help="Images per feature-store chunk (the unit of work and of resuming).")]
+Chunk = Annotated[Optional[int], typer.Option(
+    help=f"Images per feature-store chunk (the unit of work and of resuming; default: {DEFAULT_CHUNK} on a CPU, "
+         f"{DEFAULT_GPU_CHUNK} on a GPU).", show_default=False)]
 Dtype = Annotated[str, typer.Option(help="Feature-store dtype: float16 or float32.")]
 Workers = Annotated[Optional[int], typer.Option(
-    help="DataLoader decode processes per extraction (default: 0 on a CPU, 1 on a GPU).", show_default=False)]
+    help="DataLoader decode processes per extraction (default: 0 on a CPU, all cores but two on a GPU).",
+    show_default=False)]
+CpuDecodeShare = Annotated[Optional[float], typer.Option(
+    help="On a GPU, the share of JPEGs the decode processes decode with Pillow while nvJPEG decodes the rest, "
+         "chosen by image index (0 to 1; default: from the measured rates and --workers).", show_default=False)]
 
 # -- the fit ------------------------------------------------------------------------------
 Mu = Annotated[str, typer.Option(

@@ -17,19 +17,41 @@ from soapflow.sources.base import Source
 from soapflow.sources.files import FileImageDataset, FileSource
 from soapflow.transforms import TENSOR_INTERPOLATIONS, pixel_limit, transform_pixels
 
+
+def share_percent(share) -> int:
+    """A CPU decode share as whole percent, validated: the split is integer arithmetic on it."""
+    try:
+        value = float(share)
+    except (TypeError, ValueError):
+        raise SoapError(f"cpu decode share must be a number from 0 to 1, got {share!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise SoapError(f"cpu decode share must be from 0 to 1, got {share!r}")
+    return round(value * 100)
+
+
+def cpu_decodes(i: int, percent: int) -> bool:
+    """Whether image ``i`` of a hybrid decode goes to Pillow: spread evenly, ``percent`` in a
+    hundred, as a pure function of ``i`` (a resumed store splits as an uninterrupted one)."""
+    return (i + 1) * percent // 100 > i * percent // 100
+
+
 class EncodedImageDataset(torch.utils.data.Dataset):
     """``FileImageDataset`` for decoding on the device: a plain JPEG (RGB or grey, upright, within
-    the pixel limit) comes back as its file's ``bytes``, for ``decode_on_device``; any other file
-    is decoded and transformed here, by ``files``' rules.  Picklable.  (Bytes, not tensors: a
-    worker sends a chunk of bytes in one pickle, where every tensor takes a shared-memory segment.)"""
+    the pixel limit) comes back as its file's ``bytes``, for ``decode_on_device``; any other file,
+    and the images ``cpu_decodes`` gives Pillow, is decoded and transformed here, by ``files``'
+    rules.  Picklable.  (Bytes, not tensors: a worker sends a chunk of bytes in one pickle, where
+    every tensor takes a shared-memory segment; ``collate_encoded`` stacks the decoded ones.)"""
 
-    def __init__(self, files: FileImageDataset):
+    def __init__(self, files: FileImageDataset, cpu_percent: int = 0):
         self.files = files
+        self.cpu_percent = int(cpu_percent)
 
     def __len__(self) -> int:
         return len(self.files)
 
     def __getitem__(self, i: int) -> bytes | torch.Tensor:
+        if self.cpu_percent and cpu_decodes(i, self.cpu_percent):
+            return self.files[i]
         path = self.files.paths[i]
         with contextlib.suppress(OSError):
             with open(path, "rb") as f:
@@ -37,6 +59,13 @@ class EncodedImageDataset(torch.utils.data.Dataset):
             if _plain_jpeg(data):
                 return data
         return self.files[i]  # the rules of load_rgb, and its error naming the file
+
+
+def collate_encoded(items: list) -> tuple[list, torch.Tensor | None]:
+    """A chunk of ``EncodedImageDataset`` items as ``(bytes or None per image, the decoded images
+    stacked)``: one tensor to send from a worker (and to pin) instead of one per image."""
+    decoded = [x for x in items if not isinstance(x, bytes)]
+    return [x if isinstance(x, bytes) else None for x in items], torch.stack(decoded) if decoded else None
 
 
 def _plain_jpeg(data: bytes) -> bool:
@@ -51,10 +80,15 @@ def _plain_jpeg(data: bytes) -> bool:
         return False
 
 
-def decode_on_device(items: list[bytes | torch.Tensor], paths: list[str], size: int, mean, std,
+def decode_on_device(items: list | tuple, paths: list[str], size: int, mean, std,
                      interpolation: str, device) -> torch.Tensor:
-    """A chunk from ``EncodedImageDataset``: JPEG bytes decoded in one batch on ``device``
-    (nvJPEG on CUDA) and transformed there; the images decoded in the workers join them."""
+    """A chunk from ``EncodedImageDataset`` (a list of items, or ``collate_encoded``'s pair): JPEG
+    bytes decoded in one batch on ``device`` (nvJPEG on CUDA) and transformed there, one batch per
+    image size; the images decoded in the workers join them."""
+    if isinstance(items, tuple):
+        items, decoded = items
+        rest = iter(decoded.to(device, non_blocking=True) if decoded is not None else ())
+        items = [x if x is not None else next(rest) for x in items]
     out = [None if isinstance(x, bytes) else x.to(device) for x in items]
     at = [k for k, x in enumerate(out) if x is None]
     if at:
@@ -96,13 +130,20 @@ def decodes_on_device(source: Source, device, interpolation: str) -> bool:
             and interpolation in TENSOR_INTERPOLATIONS)
 
 
-def decoder_name(source: Source, device, interpolation: str) -> str | None:
-    """What decodes ``source``'s files in ``chunk_loader`` (a store's ``decoded_by``): "pillow",
-    or "decode_jpeg:cuda" (torchvision's on that device type: nvJPEG; files other than plain
-    JPEGs still go to Pillow); None for sources that are not files."""
+def decoder_name(source: Source, device, interpolation: str, cpu_decode_share: float = 0.0) -> str | None:
+    """What decodes ``source``'s files in ``chunk_loader`` (a store's ``decoded_by``): "pillow";
+    "decode_jpeg:cuda" (torchvision's on that device type: nvJPEG; files other than plain JPEGs
+    still go to Pillow); or, for a hybrid decode, "decode_jpeg:cuda+pillow@0.75" (the share of
+    images ``cpu_decodes`` gives Pillow). None for sources that are not files."""
     if not isinstance(source, FileSource):
         return None
-    return f"decode_jpeg:{torch.device(device).type}" if decodes_on_device(source, device, interpolation) else "pillow"
+    if not decodes_on_device(source, device, interpolation):
+        return "pillow"
+    percent = share_percent(cpu_decode_share)
+    name = f"decode_jpeg:{torch.device(device).type}"
+    if percent == 100:
+        return "pillow"
+    return f"{name}+pillow@{percent / 100:.2f}" if percent else name
 
 
 def _start_workers(loader: torch.utils.data.DataLoader):
@@ -143,19 +184,18 @@ def chunk_loader(
     *,
     device="cpu",
     interpolation: str = "bicubic",
-    device_lock=contextlib.nullcontext(),
     device_decode: bool | None = None,
+    cpu_decode_share: float = 0.0,
 ) -> Iterator[tuple[int, torch.Tensor]]:
     """Yield ``(chunk_index, images)`` for each range in ``chunks``, in order.
 
     File sources decode in ``num_workers`` DataLoader worker processes, one loader
-    batch per chunk (tensors come back on CPU).  Noise sources generate each chunk
-    directly on ``device``, holding ``device_lock``: that is device work, and on a CPU
-    it would otherwise fight a concurrent forward pass for the cores (OpenMP teams stall
-    when oversubscribed).  With ``device_decode`` (default: on CUDA), the workers only read
-    files and JPEGs are decoded and resized on ``device``, under ``device_lock``: a GPU then
-    keeps the CPU from being the bottleneck (other files are still decoded in the workers).
-    Empty ranges yield an empty ``(0, 3, S, S)`` tensor.
+    batch per chunk (tensors come back on CPU, pinned on CUDA).  Noise sources generate each
+    chunk directly on ``device``.  With ``device_decode`` (default: on CUDA), the workers read
+    files and JPEGs are decoded and resized on ``device``, but for the share
+    ``cpu_decode_share`` of images (chosen by ``cpu_decodes``) that the workers decode with
+    Pillow meanwhile: the CPU and the GPU then decode side by side (other files are still
+    decoded in the workers).  Empty ranges yield an empty ``(0, 3, S, S)`` tensor.
     """
     chunks = [range(c.start, c.stop, c.step) if isinstance(c, range) else c for c in chunks]
     n = len(source)
@@ -165,9 +205,7 @@ def chunk_loader(
     empty = lambda: torch.empty((0, 3, image_size, image_size), dtype=torch.float32)  # noqa: E731
     if source.kind == "noise":
         for ci, c in enumerate(chunks):
-            with device_lock:
-                x = source.batch(c, image_size, mean, std, device=device) if len(c) else empty().to(device)
-            yield ci, x
+            yield ci, source.batch(c, image_size, mean, std, device=device) if len(c) else empty().to(device)
         return
     dataset = source.dataset(image_size, mean, std, interpolation)
     if device_decode is None:  # on CUDA, for image files
@@ -177,7 +215,7 @@ def chunk_loader(
             raise SoapError(f"source {source.spec} has no image files to decode on the device")
         if interpolation not in TENSOR_INTERPOLATIONS:
             raise SoapError(f"decoding on the device resizes with {TENSOR_INTERPOLATIONS}, not {interpolation!r}")
-        dataset = EncodedImageDataset(dataset)
+        dataset = EncodedImageDataset(dataset, share_percent(cpu_decode_share))
     num_workers = max(0, int(num_workers))
     batches = [list(c) for c in chunks if len(c)]
     loader = torch.utils.data.DataLoader(
@@ -186,9 +224,9 @@ def chunk_loader(
         num_workers=num_workers,
         persistent_workers=False,
         prefetch_factor=2 if num_workers > 0 else None,
-        collate_fn=list if device_decode else None,  # bytes of different lengths
+        collate_fn=collate_encoded if device_decode else None,  # bytes of different lengths
         # pinned batches go to a GPU asynchronously, while it runs the previous chunk
-        pin_memory=torch.device(device).type == "cuda" and not device_decode,
+        pin_memory=torch.device(device).type == "cuda",
     )
     it = _start_workers(loader) if num_workers > 0 else iter(loader)
     try:
@@ -201,9 +239,7 @@ def chunk_loader(
             except SoapError as e:
                 raise _clean_worker_error(e) from e
             if device_decode:
-                with device_lock:
-                    x = decode_on_device(x, [source.paths[i] for i in c], image_size, mean, std,
-                                         interpolation, device)
+                x = decode_on_device(x, [source.paths[i] for i in c], image_size, mean, std, interpolation, device)
             yield ci, x
     finally:
         # Stop the worker processes now: an exception's traceback (or a consumer that
