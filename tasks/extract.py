@@ -41,7 +41,22 @@ def _retry_transient(task, task_run, state) -> bool:
     from soapflow.errors import SoapError
 
     exc = state.result(raise_on_failure=False)
-    return not (requested() or isinstance(exc, (SoapError, Interrupted)))
+    if requested() or isinstance(exc, Interrupted):
+        return False
+    return not isinstance(exc, SoapError) or _io_cause(exc)
+
+
+def _io_cause(exc: BaseException) -> bool:
+    """A SoapError that wraps an I/O failure (a lost connection, a full disk) may pass on a retry;
+    one about the input never does."""
+    seen = exc.__cause__ or exc.__context__
+    while seen is not None:
+        names = {k.__name__ for k in type(seen).__mro__}
+        if isinstance(seen, OSError) or names & {"ConnectionError", "EndpointConnectionError", "ReadTimeoutError",
+                                                 "ConnectTimeoutError", "ClientError"}:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 # Cached on inputs + source: `created` changes whenever the store is recreated, so a
