@@ -34,13 +34,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from storage.feature_store import FeatureStore, open_store  # noqa: E402
 
 
+def _complete(uri: Path, count: int) -> bool:
+    """A store of ``count`` images left complete by an earlier run is reused."""
+    if not uri.exists():
+        return False
+    try:
+        store = open_store(str(uri))
+        return store.count == count and not store.pending_chunks()
+    except Exception:  # unreadable or of another layout: make it again
+        return False
+
+
 def make_store(uri: Path, count: int, grid: int, dim: int, chunk: int, seed: int) -> None:
-    if uri.exists():
-        try:
-            if open_store(str(uri)).count == count and not open_store(str(uri)).pending_chunks():
-                return
-        except Exception:
-            pass
+    if _complete(uri, count):
+        return
     pattern = np.random.default_rng(99).normal(size=(grid, grid, dim)).astype(np.float32) * 2
     store = FeatureStore.create(str(uri), count=count, grid=(grid, grid), dim=dim, chunk=chunk,
                                 attrs={"backbone": "bench", "layer": 0})
@@ -85,12 +92,8 @@ def make_scale_store(uri: Path, count: int, grid: int, dim: int, chunk: int, see
 
     from soapflow.cluster import machine
 
-    if uri.exists():
-        try:
-            if open_store(str(uri)).count == count and not open_store(str(uri)).pending_chunks():
-                return
-        except Exception:
-            pass
+    if _complete(uri, count):
+        return
     rng = np.random.default_rng(seed)
     pattern = np.random.default_rng(99).normal(size=(grid, grid, dim)).astype(np.float32) * 2
     bases = [rng.standard_normal((chunk, grid, grid, dim), dtype=np.float32) for _ in range(4)]
