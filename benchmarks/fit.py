@@ -35,14 +35,14 @@ from storage.feature_store import FeatureStore, open_store  # noqa: E402
 
 
 def _complete(uri: Path, count: int) -> bool:
-    """A store of ``count`` images is already there from an earlier run (anything else is rewritten)."""
+    """A store of ``count`` images left complete by an earlier run is reused."""
     if not uri.exists():
         return False
     try:
         store = open_store(str(uri))
-    except Exception:  # unreadable: make it again
+        return store.count == count and not store.pending_chunks()
+    except Exception:  # unreadable or of another layout: make it again
         return False
-    return store.count == count and not store.pending_chunks()
 
 
 def make_store(uri: Path, count: int, grid: int, dim: int, chunk: int, seed: int) -> None:

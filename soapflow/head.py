@@ -44,8 +44,8 @@ class SOAPHead(nn.Linear):
             raise TypeError(f"SOAPHead takes tokens as a torch.Tensor or NumPy array of shape (..., {self.in_features}), "
                             f"got {type(tokens).__name__}")
         if tokens.ndim == 0 or tokens.shape[-1] != self.in_features:
-            raise ValueError(f"SOAPHead expects tokens of shape (..., D={self.in_features}) (channels last), "
-                             f"got shape {tuple(tokens.shape)}")
+            raise ValueError(f"SOAPHead expects tokens of shape (..., {self.in_features}) (D last), "
+                             f"got shape {tuple(tokens.shape)} (this head's D={self.in_features})")
         if not tokens.is_floating_point():
             tokens = tokens.float()
         return nn.functional.linear(tokens, self.weight.to(device=tokens.device, dtype=tokens.dtype))

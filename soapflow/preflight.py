@@ -77,6 +77,14 @@ def check_cheap(*, data: str | None = None, data_flag: str = "--data", weights: 
 FINAL_NORM_CHOICES = ("auto", "on", "off")  # soapflow.backbones.FINAL_NORM, without importing torch
 
 
+def decoding(workers: int | None, cpu_decode_share: float | None) -> None:
+    """``--workers`` and ``--cpu-decode-share``, as extract and refit both take them."""
+    if workers is not None:
+        count("--workers", workers, minimum=0)
+    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
+        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
+
+
 def final_norm(value: str | bool) -> str:
     """``--final-norm`` as auto/on/off (booleans from YAML too)."""
     if isinstance(value, bool):

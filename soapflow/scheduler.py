@@ -129,9 +129,13 @@ class Job:
         """On the device thread, once the job stopped: close its chunks there (where a job without
         prefetch iterates them), then let ``result()`` return."""
         self._stop.set()
-        if not self.prefetch:
-            _close(self._it)
-        self._finished.set()
+        try:
+            if not self.prefetch:
+                _close(self._it)
+        except BaseException as e:  # noqa: BLE001 — result() raises it; the job must still finish
+            self.fail(e)
+        finally:
+            self._finished.set()
 
     def wait_finished(self, timeout: float | None = 30) -> None:
         """Wait until the device thread has let go of the job and its producer has stopped."""
@@ -211,6 +215,18 @@ class DeviceScheduler:
                 setattr(job.times, waiting, getattr(job.times, waiting) + seconds_here)
 
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # noqa: BLE001 — a dead device thread must not leave a job waiting forever
+            with self._cond:
+                for j in self._jobs:
+                    j.fail(RuntimeError(f"device scheduler for {self.device} stopped: {e!r}"))
+                    j._finished.set()
+                self._jobs = []
+                self._thread = None
+            raise
+
+    def _serve(self) -> None:
         mark = time.perf_counter()
         while True:
             with self._cond:

@@ -62,12 +62,17 @@ def test_local_cluster_runs_the_threads_the_machine_allows(monkeypatch):
 
 
 def _peak_rss_of_fit(real, synth, out, threads):
-    proc = subprocess.Popen([sys.executable, "-m", "soapflow.cli", "fit", str(real), str(synth), "--out", str(out),
-                             "--no-plots", "--device", "cpu"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            env={**os.environ, "SOAPFLOW_FIT_THREADS": str(threads)})
-    _, status, usage = os.wait4(proc.pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0, proc.stderr.read().decode()[-2000:]
-    return usage.ru_maxrss * 1024
+    # Launched from a small intermediate process: a child's ru_maxrss starts at its parent's RSS at
+    # fork, and the test process can be gigabytes into a full test run.
+    launcher = ("import os, subprocess, sys; p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL); "
+                "_, status, usage = os.wait4(p.pid, 0); print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)")
+    cmd = [sys.executable, "-m", "soapflow.cli", "fit", str(real), str(synth), "--out", str(out), "--no-plots",
+           "--device", "cpu"]
+    done = subprocess.run([sys.executable, "-c", launcher, *cmd], capture_output=True, text=True,
+                          env={**os.environ, "SOAPFLOW_FIT_THREADS": str(threads)})
+    code, maxrss = done.stdout.split()
+    assert code == "0", done.stderr[-2000:]
+    return int(maxrss) * 1024
 
 
 def test_memory_per_thread_stays_within_the_leaf_allowance(tmp_path):

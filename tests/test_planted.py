@@ -26,6 +26,21 @@ def test_patterns_are_zero_mean_unit_rms_and_orthogonal():
         PL.cosine_patterns((2, 2), 4)
 
 
+def test_quiet_order_puts_the_backbones_own_positional_patterns_last():
+    grid, d = (8, 8), 12
+    pats, freqs = PL.cosine_patterns(grid, 9)
+    rng = np.random.default_rng(0)
+    # a per-position mean that varies strongly with (0, 1) and weakly with (1, 1), nothing else
+    mean = 5.0 + 3.0 * pats[0][..., None] * rng.standard_normal(d) + 0.5 * pats[3][..., None] * rng.standard_normal(d)
+    order = PL.quiet_order(mean)
+    assert sorted(order) == sorted(freqs) and order[-1] == (0, 1) and order[-2] == (1, 1)
+    plant = PL.make_plant(grid, d, 4, 2.0, 1.0, order=order)
+    assert (0, 1) not in plant.frequencies and (1, 1) not in plant.frequencies
+    np.testing.assert_allclose(PL.natural_pattern_components(mean, plant.patterns), 0, atol=1e-9)
+    with pytest.raises(SoapError, match="--patterns"):
+        PL.Planting(patterns="loud")
+
+
 def test_directions_are_orthonormal_and_nested():
     u4 = PL.planted_directions(32, 4, seed=3)
     np.testing.assert_allclose(u4 @ u4.T, np.eye(4), atol=1e-12)

@@ -40,10 +40,7 @@ def extract(
     preflight.check_cheap(data=source, data_flag="--source", weights=weights, image_size=image_size,
                           counts={"--n": n, "--chunk": chunk})
     final_norm = preflight.final_norm(final_norm)
-    if workers is not None:
-        preflight.count("--workers", workers, minimum=0)
-    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
-        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
+    preflight.decoding(workers, cpu_decode_share)
     storage_options = opt.parse_storage_options(storage_option)
     from rich.console import Console
 
@@ -130,10 +127,7 @@ def refit(
                           fit=(fit.mu_label, fit.tau, fit.gamma, fit.threshold),
                           counts={"--n-real": n_real, "--n-synth": n_synth, "--chunk": chunk, "--shards": shards})
     final_norm = preflight.final_norm(final_norm)
-    if workers is not None:
-        preflight.count("--workers", workers, minimum=0)
-    if cpu_decode_share is not None and not 0 <= cpu_decode_share <= 1:
-        raise SoapError(f"--cpu-decode-share must be from 0 to 1, got {cpu_decode_share:g}")
+    preflight.decoding(workers, cpu_decode_share)
     storage_options = opt.parse_storage_options(storage_option)
     _check_refit_out(out)
     evaluations = [e.strip() for e in evaluate.split(",") if e.strip()] if evaluate else None

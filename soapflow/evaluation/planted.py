@@ -57,6 +57,8 @@ __all__ = [
     "cosine_patterns",
     "planted_directions",
     "make_plant",
+    "quiet_order",
+    "PATTERN_CHOICES",
     "recovery",
     "plant_store",
     "direction_scores",
@@ -99,8 +101,11 @@ class Planting:
     mu: float | str = "auto"
     tau: float = 0.05
     threshold: float = 0.75
+    patterns: str = "quiet"  # which k of the low-frequency patterns: see PATTERN_CHOICES
 
     def __post_init__(self):
+        if self.patterns not in PATTERN_CHOICES:
+            raise SoapError(f"--patterns must be one of {', '.join(PATTERN_CHOICES)}, got {self.patterns!r}")
         object.__setattr__(self, "ks", _tuple(self.ks, int, "--k"))
         object.__setattr__(self, "amplitudes", _tuple(self.amplitudes, float, "--amplitudes"))
         bad = [k for k in self.ks if not 1 <= k <= len(_FREQUENCIES)]
@@ -155,13 +160,20 @@ _FREQUENCIES = tuple(sorted(((fy, fx) for fy in range(4) for fx in range(4) if f
                             key=lambda f: (f[0] + f[1], f[0])))
 
 
-def cosine_patterns(grid: tuple[int, int], k: int) -> tuple[np.ndarray, list[tuple[int, int]]]:
+# "quiet": the k patterns along which the clean tokens' own per-position mean varies least, so
+# the planted term is the only positional signal with its pattern and the ground truth is u_j.
+# "lowest": the k lowest frequencies, whatever the backbone already puts there.
+PATTERN_CHOICES = ("quiet", "lowest")
+
+
+def cosine_patterns(grid: tuple[int, int], k: int, order=None) -> tuple[np.ndarray, list[tuple[int, int]]]:
     """``k`` smooth positional patterns ``(k, H, W)`` and their frequencies ``(f_y, f_x)``.
 
     ``a(h, w) = cos(π f_y (h + ½)/H) · cos(π f_x (w + ½)/W)``, scaled to unit RMS. DCT-II basis
-    functions: each sums to zero over the grid and any two are orthogonal."""
+    functions: each sums to zero over the grid and any two are orthogonal. ``order``: the
+    frequencies to take the first ``k`` from (default: lowest total frequency first)."""
     h, w = grid
-    freqs = [f for f in _FREQUENCIES if f[0] < h and f[1] < w][:k]
+    freqs = [tuple(f) for f in (order or _FREQUENCIES) if f[0] < h and f[1] < w][:k]
     if len(freqs) < k:
         raise SoapError(f"a {h}×{w} grid has only {len(freqs)} of the low-frequency patterns, need k={k}")
     y = (np.arange(h) + 0.5) / h
@@ -214,9 +226,19 @@ class Plant:
         }
 
 
-def make_plant(grid: tuple[int, int], dim: int, k: int, amplitude: float, lambda_max: float, seed: int = 0) -> Plant:
-    """The plant whose every direction adds ``amplitude · lambda_max`` of variance over all tokens."""
-    patterns, freqs = cosine_patterns(grid, k)
+def quiet_order(position_mean: np.ndarray) -> list[tuple[int, int]]:
+    """The low-frequency patterns ordered by ``‖g_j‖`` (:func:`natural_pattern_components`) in a
+    store's per-position mean ``(H, W, D)``, quietest first."""
+    pats, freqs = cosine_patterns(position_mean.shape[:2], len(_FREQUENCIES))
+    g = np.linalg.norm(natural_pattern_components(position_mean, pats), axis=1)
+    return [freqs[i] for i in np.argsort(g, kind="stable")]
+
+
+def make_plant(grid: tuple[int, int], dim: int, k: int, amplitude: float, lambda_max: float, seed: int = 0,
+               order=None) -> Plant:
+    """The plant whose every direction adds ``amplitude · lambda_max`` of variance over all tokens;
+    its patterns are the first ``k`` of ``order`` (see :func:`cosine_patterns`)."""
+    patterns, freqs = cosine_patterns(grid, k, order)
     coef = np.full(k, np.sqrt(amplitude * lambda_max))
     return Plant(patterns, freqs, planted_directions(dim, k, seed), coef, float(amplitude), float(lambda_max), seed)
 
@@ -392,6 +414,7 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
         clean_t = read_artifact(clean_path).tensors
         lam = float(clean_t["eigenvalues"][0])
         position_mean = _position_mean(real)
+        order = quiet_order(position_mean) if planting.patterns == "quiet" else None
         clean = {
             "artifact": clean_path,
             "lambda_max": lam,
@@ -402,7 +425,7 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
         }
         for k, amp in tqdm(configs, desc="planted fits", unit="fit", disable=not progress, leave=False):
             t0 = time.perf_counter()
-            plant = make_plant(real.grid, real.dim, k, amp, lam, planting.seed)
+            plant = make_plant(real.grid, real.dim, k, amp, lam, planting.seed, order)
             tag = f"k{k}-a{amp:g}"
             stores = os.path.join(work_dir, "stores", tag)
             pr = plant_store(real_uri, os.path.join(stores, "real"), plant, progress=progress)
@@ -707,6 +730,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: EvalSettings | None, 
         "stores": uris,
         "config": {"ks": list(planting.ks), "amplitudes": list(planting.amplitudes), "seed": planting.seed,
                    "mu": planting.mu, "tau": planting.tau, "threshold": planting.threshold,
+                   "pattern_choice": planting.patterns,
                    "max_angle_deg": MAX_ANGLE_DEG, "patterns": "DCT-II cosines cos(π f_y (h+½)/H)·cos(π f_x (w+½)/W), "
                    "unit RMS; c_j² = amplitude · λ_max(clean real tokens)",
                    "suppressed": "weight > 0.5 · score (soapflow.method.suppressed)",
