@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--n-eval", type=int, default=300)
     ap.add_argument("--k", default="1,2,4")
     ap.add_argument("--amplitudes", default="0.5,1,2,4")
-    ap.add_argument("--patterns", default="quiet", help="quiet (the clean tokens vary least along them) or lowest")
+    ap.add_argument("--plant", default="quiet", help="quiet (patterns and directions the clean tokens are quiet along) or plain")
     ap.add_argument("--evaluate", default="salient,knn-seg,knn-cls", help="comma list, or 'none'")
     ap.add_argument("--n-boot", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -57,7 +57,7 @@ def main() -> None:
     evals = () if a.evaluate == "none" else tuple(e.strip() for e in a.evaluate.split(","))
     planting = PL.Planting(ks=tuple(int(x) for x in a.k.split(",")),
                            amplitudes=tuple(float(x) for x in a.amplitudes.split(",")), seed=a.seed,
-                           patterns=a.patterns)
+                           plant=a.plant)
     data = PL.PlantedData(backbone=a.backbone, weights=a.weights, layer=a.layer, final_norm=a.final_norm,
                           image_size=a.image_size, real=a.data,
                           n_real=a.n_real, synth=a.synth, n_synth=a.n_synth, eval_data=a.eval_data, n_eval=a.n_eval,

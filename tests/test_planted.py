@@ -37,8 +37,8 @@ def test_quiet_order_puts_the_backbones_own_positional_patterns_last():
     plant = PL.make_plant(grid, d, 4, 2.0, 1.0, order=order)
     assert (0, 1) not in plant.frequencies and (1, 1) not in plant.frequencies
     np.testing.assert_allclose(PL.natural_pattern_components(mean, plant.patterns), 0, atol=1e-9)
-    with pytest.raises(SoapError, match="--patterns"):
-        PL.Planting(patterns="loud")
+    with pytest.raises(SoapError, match="--plant"):
+        PL.Planting(plant="loud")
 
 
 def test_directions_are_orthonormal_and_nested():
@@ -46,6 +46,15 @@ def test_directions_are_orthonormal_and_nested():
     np.testing.assert_allclose(u4 @ u4.T, np.eye(4), atol=1e-12)
     np.testing.assert_allclose(PL.planted_directions(32, 2, seed=3), u4[:2], atol=1e-12)
     assert not np.allclose(PL.planted_directions(32, 2, seed=4), u4[:2])
+
+
+def test_directions_can_avoid_natural_components():
+    natural = np.eye(32)[:5]
+    u = PL.planted_directions(32, 3, seed=1, avoid=natural)
+    np.testing.assert_allclose(u @ u.T, np.eye(3), atol=1e-12)
+    np.testing.assert_allclose(u @ natural.T, 0, atol=1e-12)
+    with pytest.raises(SoapError, match="orthogonal to 30 natural components"):
+        PL.planted_directions(32, 3, avoid=np.eye(32)[:30])
 
 
 def test_plant_adds_the_requested_variance_along_each_direction():
@@ -103,7 +112,7 @@ def test_sweep_recovers_planted_directions_through_stores_and_the_dask_fit(tmp_p
     scales = np.linspace(3.0, 0.5, d)
     real = write_store(str(tmp_path / "real"), _content_tokens(60, grid, d, scales, 0), chunk=16)
     synth = write_store(str(tmp_path / "synth"), _content_tokens(60, grid, d, np.ones(d), 1), chunk=16)
-    planting = PL.Planting(ks=(2,), amplitudes=(0.02, 4.0), seed=7)
+    planting = PL.Planting(ks=(2,), amplitudes=(0.02, 4.0), seed=7, plant="plain")
     out = PL.fit_sweep(real.uri, synth.uri, planting, str(tmp_path / "sweep"), keep_stores=True, progress=False)
 
     clean = out["clean"]
@@ -143,7 +152,7 @@ def test_natural_pattern_components_and_the_artifact_actually_present(tmp_path):
     scales = np.linspace(3.0, 0.5, d)
     real = write_store(str(tmp_path / "real"), _content_tokens(60, grid, d, scales, 0) + position, chunk=16)
     synth = write_store(str(tmp_path / "synth"), _content_tokens(60, grid, d, np.ones(d), 1) + position, chunk=16)
-    out = PL.fit_sweep(real.uri, synth.uri, PL.Planting(ks=(1,), amplitudes=(4.0,), seed=7),
+    out = PL.fit_sweep(real.uri, synth.uri, PL.Planting(ks=(1,), amplitudes=(4.0,), seed=7, plant="plain"),
                        str(tmp_path / "sweep"), progress=False)
     (run,) = out["runs"]
     (direction,) = run["directions"]
@@ -157,6 +166,15 @@ def test_natural_pattern_components_and_the_artifact_actually_present(tmp_path):
     # the suppressed component is the artifact present, c·u + g; against u alone it is off by that tilt
     assert run["effective_max_angle_deg"] < 4 and run["max_angle_deg"] > 10 and not run["recovered"]
     assert run["n_suppressed"] == 1
+
+    # planted where the clean tokens are quiet (another pattern, a direction ⟂ their top
+    # components) the artifact present is c·u itself, and the fit suppresses it
+    out = PL.fit_sweep(real.uri, synth.uri, PL.Planting(ks=(1,), amplitudes=(4.0,), seed=7),
+                       str(tmp_path / "quiet"), progress=False)
+    (run,) = out["runs"]
+    assert run["plant"]["frequencies"] != [[0, 1]] and run["directions"][0]["natural_ratio"] < 0.05
+    assert run["recovered"] and run["max_angle_deg"] < 4
+    assert run["n_suppressed"] == 2 and run["n_suppressed_not_planted"] == 1  # and the natural b·a_0·w, apart
 
 
 def test_token_view_plants_then_applies_the_head():

@@ -229,7 +229,7 @@ def planted(
     mu: Annotated[str, typer.Option(help="Soft count of suppressed components, or 'auto'.")] = "auto",
     tau: Annotated[float, typer.Option(help="Sigmoid temperature of the weights.")] = 0.05,
     threshold: Annotated[float, typer.Option(help="SI threshold of --mu auto.")] = 0.75,
-    patterns: Annotated[str, typer.Option(help="quiet: the low-frequency cosines the clean tokens' positional mean varies least along (the planted term is then the only positional signal with its pattern); lowest: the lowest frequencies.")] = "quiet",
+    plant: Annotated[str, typer.Option(help="quiet: plant where the clean tokens are quiet — the low-frequency cosines their positional mean varies least along, directions orthogonal to their top principal components — so u_j is the ground truth; plain: the lowest frequencies, any random directions.")] = "quiet",
     evaluate: Annotated[str, typer.Option(help="Comma list of salient,knn-seg,knn-cls; 'none' for recovery only.")] = "salient,knn-seg,knn-cls",
     salient_tau: Annotated[float, typer.Option(help="TokenCut τ.")] = 0.2,
     bank_patches: Annotated[int, typer.Option(help="kNN-seg bank patches (seeded subsample); 0 = all.")] = 16384,
@@ -250,7 +250,7 @@ def planted(
     mu_value = "auto" if mu.strip() == "auto" else (_numbers(mu, float, "--mu") or (mu,))[0]
     evals = () if evaluate.strip().lower() == "none" else tuple(e.strip() for e in evaluate.split(","))
     planting = PL.Planting(ks=_numbers(k, int, "--k"), amplitudes=_numbers(amplitudes, float, "--amplitudes"),
-                           seed=seed, mu=mu_value, tau=tau, threshold=threshold, patterns=patterns)
+                           seed=seed, mu=mu_value, tau=tau, threshold=threshold, plant=plant)
     data_cfg = PL.PlantedData(backbone=backbone, weights=weights, layer=layer, final_norm=final_norm,
                               image_size=image_size, real=data,
                               n_real=n_real, synth=synth, n_synth=n_synth, eval_data=dataset, n_eval=n, chunk=chunk,

@@ -58,7 +58,7 @@ __all__ = [
     "planted_directions",
     "make_plant",
     "quiet_order",
-    "PATTERN_CHOICES",
+    "PLANT_CHOICES",
     "recovery",
     "plant_store",
     "direction_scores",
@@ -101,11 +101,11 @@ class Planting:
     mu: float | str = "auto"
     tau: float = 0.05
     threshold: float = 0.75
-    patterns: str = "quiet"  # which k of the low-frequency patterns: see PATTERN_CHOICES
+    plant: str = "quiet"  # where to plant: see PLANT_CHOICES
 
     def __post_init__(self):
-        if self.patterns not in PATTERN_CHOICES:
-            raise SoapError(f"--patterns must be one of {', '.join(PATTERN_CHOICES)}, got {self.patterns!r}")
+        if self.plant not in PLANT_CHOICES:
+            raise SoapError(f"--plant must be one of {', '.join(PLANT_CHOICES)}, got {self.plant!r}")
         object.__setattr__(self, "ks", _tuple(self.ks, int, "--k"))
         object.__setattr__(self, "amplitudes", _tuple(self.amplitudes, float, "--amplitudes"))
         bad = [k for k in self.ks if not 1 <= k <= len(_FREQUENCIES)]
@@ -160,10 +160,12 @@ _FREQUENCIES = tuple(sorted(((fy, fx) for fy in range(4) for fx in range(4) if f
                             key=lambda f: (f[0] + f[1], f[0])))
 
 
-# "quiet": the k patterns along which the clean tokens' own per-position mean varies least, so
-# the planted term is the only positional signal with its pattern and the ground truth is u_j.
-# "lowest": the k lowest frequencies, whatever the backbone already puts there.
-PATTERN_CHOICES = ("quiet", "lowest")
+# "quiet": where the clean tokens are quiet, so that u_j is the ground truth — the patterns the
+# clean per-position mean varies least along (else the artifact present is c_j·u_j + g_j) and
+# directions orthogonal to the clean principal components with eigenvalue ≥ QUIET_EIGENVALUE·λ_max
+# (else PCA tilts u_j toward them). "plain": the lowest frequencies and any random directions.
+PLANT_CHOICES = ("quiet", "plain")
+QUIET_EIGENVALUE = 0.05
 
 
 def cosine_patterns(grid: tuple[int, int], k: int, order=None) -> tuple[np.ndarray, list[tuple[int, int]]]:
@@ -183,11 +185,16 @@ def cosine_patterns(grid: tuple[int, int], k: int, order=None) -> tuple[np.ndarr
     return pats, freqs
 
 
-def planted_directions(dim: int, k: int, seed: int = 0) -> np.ndarray:
-    """``k`` orthonormal unit directions ``(k, D)``; the first ``j`` are the same for every ``k ≥ j``."""
-    if k > dim:
-        raise SoapError(f"cannot plant {k} orthonormal directions in D={dim}")
+def planted_directions(dim: int, k: int, seed: int = 0, avoid: np.ndarray | None = None) -> np.ndarray:
+    """``k`` orthonormal random unit directions ``(k, D)``, orthogonal to the orthonormal rows of
+    ``avoid`` if given; the first ``j`` are the same for every ``k ≥ j``."""
+    free = dim - (0 if avoid is None else len(avoid))
+    if k > free:
+        raise SoapError(f"cannot plant {k} orthonormal directions in D={dim}" + ("" if avoid is None else
+                        f" orthogonal to {len(avoid)} natural components"))
     g = np.random.default_rng(seed).standard_normal((k, dim))
+    if avoid is not None and len(avoid):
+        g -= (g @ avoid.T) @ avoid
     q, r = np.linalg.qr(g.T)
     return np.ascontiguousarray((q * np.sign(np.diag(r))).T)
 
@@ -235,12 +242,14 @@ def quiet_order(position_mean: np.ndarray) -> list[tuple[int, int]]:
 
 
 def make_plant(grid: tuple[int, int], dim: int, k: int, amplitude: float, lambda_max: float, seed: int = 0,
-               order=None) -> Plant:
+               order=None, avoid: np.ndarray | None = None) -> Plant:
     """The plant whose every direction adds ``amplitude · lambda_max`` of variance over all tokens;
-    its patterns are the first ``k`` of ``order`` (see :func:`cosine_patterns`)."""
+    its patterns are the first ``k`` of ``order`` (see :func:`cosine_patterns`), its directions
+    orthogonal to ``avoid`` (see :func:`planted_directions`)."""
     patterns, freqs = cosine_patterns(grid, k, order)
     coef = np.full(k, np.sqrt(amplitude * lambda_max))
-    return Plant(patterns, freqs, planted_directions(dim, k, seed), coef, float(amplitude), float(lambda_max), seed)
+    return Plant(patterns, freqs, planted_directions(dim, k, seed, avoid), coef, float(amplitude), float(lambda_max),
+                 seed)
 
 
 # ------------------------------------------------------------------------------ analysis
@@ -414,7 +423,10 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
         clean_t = read_artifact(clean_path).tensors
         lam = float(clean_t["eigenvalues"][0])
         position_mean = _position_mean(real)
-        order = quiet_order(position_mean) if planting.patterns == "quiet" else None
+        quiet = planting.plant == "quiet"
+        order = quiet_order(position_mean) if quiet else None
+        ev_clean = np.asarray(clean_t["eigenvalues"], dtype=np.float64)
+        avoid = np.asarray(clean_t["components"], dtype=np.float64)[ev_clean >= QUIET_EIGENVALUE * lam] if quiet else None
         clean = {
             "artifact": clean_path,
             "lambda_max": lam,
@@ -425,7 +437,7 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
         }
         for k, amp in tqdm(configs, desc="planted fits", unit="fit", disable=not progress, leave=False):
             t0 = time.perf_counter()
-            plant = make_plant(real.grid, real.dim, k, amp, lam, planting.seed, order)
+            plant = make_plant(real.grid, real.dim, k, amp, lam, planting.seed, order, avoid)
             tag = f"k{k}-a{amp:g}"
             stores = os.path.join(work_dir, "stores", tag)
             pr = plant_store(real_uri, os.path.join(stores, "real"), plant, progress=progress)
@@ -730,7 +742,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: EvalSettings | None, 
         "stores": uris,
         "config": {"ks": list(planting.ks), "amplitudes": list(planting.amplitudes), "seed": planting.seed,
                    "mu": planting.mu, "tau": planting.tau, "threshold": planting.threshold,
-                   "pattern_choice": planting.patterns,
+                   "plant": planting.plant, "quiet_eigenvalue": QUIET_EIGENVALUE,
                    "max_angle_deg": MAX_ANGLE_DEG, "patterns": "DCT-II cosines cos(π f_y (h+½)/H)·cos(π f_x (w+½)/W), "
                    "unit RMS; c_j² = amplitude · λ_max(clean real tokens)",
                    "suppressed": "weight > 0.5 · score (soapflow.method.suppressed)",
