@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from storage.feature_store import FeatureStore, open_store  # noqa: E402
+from soapflow.storage.feature_store import FeatureStore, open_store  # noqa: E402
 
 
 def _complete(uri: Path, count: int) -> bool:

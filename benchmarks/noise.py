@@ -18,7 +18,7 @@ import numpy as np
 import scipy.fft
 import torch
 
-from noise_generators import IMAGENET_MEAN, IMAGENET_STD, generate
+from soapflow.noise_generators import IMAGENET_MEAN, IMAGENET_STD, generate
 
 
 def loop_mixture(count, size, seed=0, alpha=1.0, sigma=1.0, concentration=(1.0, 1.0, 2.0),

@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from soapflow.evaluation import planted as PL  # noqa: E402
 from soapflow.evaluation import protocols as P  # noqa: E402
 from soapflow.evaluation.datasets import open_eval_data  # noqa: E402
-from storage.feature_store import FeatureStore  # noqa: E402
+from soapflow.storage.feature_store import FeatureStore  # noqa: E402
 
 
 def main() -> None:

@@ -160,7 +160,7 @@ def _write_jpeg_range(folder: Path, indices: range, seed: int) -> None:
     import numpy as np
     from PIL import Image
 
-    from noise_generators import generate
+    from soapflow.noise_generators import generate
     from soapflow.sources import open_source
 
     try:

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np
 import torch
 
-from storage.feature_store import FeatureStore
+from soapflow.storage.feature_store import FeatureStore
 
 
 def main() -> None:

@@ -25,7 +25,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from soapflow.common import default_workdir, slug, utc_stamp
 from soapflow.config import EVALUATIONS, EvalSettings
-from tasks.evaluate import knn_cls_task, knn_seg_task, record_task, resolve_head_task, salient_task
+from soapflow.tasks.evaluate import knn_cls_task, knn_seg_task, record_task, resolve_head_task, salient_task
 
 
 def default_out_dir(head_ref: str) -> Path:

@@ -30,9 +30,9 @@ from soapflow import cancel, timeline
 from soapflow.common import default_workdir, is_url, slug
 from soapflow.config import BackboneSpec, EvalSettings, RefitConfig, RunSettings
 from soapflow.extract import default_chunk
-from tasks.extract import extract_shard, finalize_store, prepare_store
-from tasks.fit import fit_artifact
-from tasks.publish import publish_artifact
+from soapflow.tasks.extract import extract_shard, finalize_store, prepare_store
+from soapflow.tasks.fit import fit_artifact
+from soapflow.tasks.publish import publish_artifact
 
 
 def store_uri(workdir: Path, named: dict, source: str, n, seed: int, run: RunSettings) -> str:
@@ -71,7 +71,7 @@ def quick_local_run(config: RefitConfig):
 
     server = None
     if not PREFECT_API_URL.value():  # no real server: boot the temporary one meanwhile
-        from flows.temporary_server import temporary_server
+        from soapflow.flows.temporary_server import temporary_server
 
         server = temporary_server()
         server.start()
@@ -187,14 +187,14 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
         result["published_new_version"] = published.created
         logger.info("published %s%s", published.ref, "" if published.created else " (identical content already there)")
         if output.evaluate_after:
-            from flows.evaluate import evaluate
+            from soapflow.flows.evaluate import evaluate
 
             settings = EvalSettings(evaluations=tuple(output.evaluate_after), dataset=output.eval_dataset,
                                     n=output.eval_n)
             result["evaluation"] = evaluate(published.ref, settings, registry=published.registry,
                                             weights=spec.weights, device=spec.device, progress=False)
     timeline.mark("publish")
-    from storage.html_report import refit_report
+    from soapflow.storage.html_report import refit_report
 
     result["report"] = str(refit_report(result["artifact"], result.get("registry"), result["ref"]))
     timeline.mark("report")
@@ -205,7 +205,7 @@ def refit(config: RefitConfig = RefitConfig()) -> dict:  # noqa: B008 - frozen, 
 
 def _artifact_hash(path: str) -> str | None:
     """Content hash of the artifact already at ``path`` (None when there is none)."""
-    from storage.artifact import read_manifest
+    from soapflow.storage.artifact import read_manifest
 
     try:
         return read_manifest(path).get("content_hash")

@@ -30,7 +30,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 
-from flows.refit import refit
+from soapflow.flows.refit import refit
 from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
 
@@ -90,7 +90,7 @@ def load_catalog(path: str) -> list[CatalogJob]:
 def existing_version(config: RefitConfig, registry: str | None) -> str | None:
     """``name:version`` of a registry version fitted from exactly these inputs, if any."""
     from soapflow.extract import cached_source, load, source_fingerprint
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     bb = load(config.backbone)
     data = config.data

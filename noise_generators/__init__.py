@@ -1,6 +1,6 @@
 """Synthetic non-semantic images (SPEC §2), in a backbone's normalized input space.
 
-    from noise_generators import generate
+    from soapflow.noise_generators import generate
     x = generate("mixture", 64, 224, seed=0)        # (64, 3, 224, 224) float32
 
 Image ``start + i`` is a pure function of (name, parameters, seed, start + i, size): any worker can
@@ -25,8 +25,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from noise_generators import recipes
-from noise_generators.pool import single_threaded_pool
+from soapflow.noise_generators import recipes
+from soapflow.noise_generators.pool import single_threaded_pool
 from soapflow.errors import SoapError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from noise_generators import IMAGENET_MEAN, IMAGENET_STD, generate
+from soapflow.noise_generators import IMAGENET_MEAN, IMAGENET_STD, generate
 
 
 def preview_grid(path, names, count=6, size=224, seed=0, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> Path:

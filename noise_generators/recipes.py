@@ -16,8 +16,8 @@ import numpy as np
 import scipy.special
 import torch
 
-from noise_generators.dct import idct2
-from noise_generators.rng import image_keys, normal, uniform, uniform64
+from soapflow.noise_generators.dct import idct2
+from soapflow.noise_generators.rng import image_keys, normal, uniform, uniform64
 
 MARGINAL_CHOICES = ("uniform", "gaussian", "pink", "gradient", "constant")
 

@@ -1,5 +1,6 @@
 """soapflow: SOAP (Semantically Orthogonal Artifact Projection) as a pipeline."""
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 
 from soapflow.errors import SoapError
@@ -8,6 +9,13 @@ try:
     __version__ = version("soapflow")
 except PackageNotFoundError:  # running from a checkout without install
     __version__ = "0.0.0+local"
+
+# In a checkout the stage folders (flows/, tasks/, storage/, noise_generators/) sit beside this
+# package; installed, setuptools maps them into it (pyproject's package-dir). Either way they
+# import as soapflow.flows, soapflow.tasks, …
+_checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not os.path.isdir(os.path.join(__path__[0], "storage")) and os.path.isfile(os.path.join(_checkout, "storage", "__init__.py")):
+    __path__.append(_checkout)
 
 __all__ = ["SOAPHead", "SoapError", "__version__", "attach", "load_head"]
 

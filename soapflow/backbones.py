@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import torch
 
-from storage.artifact import sha256_file
+from soapflow.storage.artifact import sha256_file
 from soapflow.config import DEFAULT_BACKBONE, FINAL_NORM, parse_final_norm
 from soapflow.errors import SoapError
 

@@ -38,8 +38,8 @@ def cache_root() -> Path:
 
 def pull_cached(ref: str, registry=None, storage_options: dict | None = None) -> Path:
     """The artifact directory of ``ref`` in the local cache, pulling it when absent or stale."""
-    from storage.artifact import verify_artifact
-    from storage.registry import Registry
+    from soapflow.storage.artifact import verify_artifact
+    from soapflow.storage.registry import Registry
 
     reg = registry if isinstance(registry, Registry) else Registry(registry, storage_options)
     name, version = reg.resolve(ref)

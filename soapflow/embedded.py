@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from soapflow.errors import SoapError
-from storage.artifact import sha256_file
+from soapflow.storage.artifact import sha256_file
 
 #: timm architecture the converted weights load into.
 TIMM_NAME = "vit_small_patch14_dinov2"

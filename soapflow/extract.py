@@ -24,7 +24,7 @@ from soapflow import cancel
 from soapflow import config
 from soapflow.config import BackboneSpec
 from soapflow.errors import SoapError
-from storage.feature_store import FeatureStore, store_lease
+from soapflow.storage.feature_store import FeatureStore, store_lease
 
 DEFAULT_CHUNK = config.DEFAULT_CHUNK
 DEFAULT_GPU_CHUNK = 256  # on a GPU, where a small chunk leaves it idle between forwards

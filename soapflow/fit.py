@@ -29,7 +29,7 @@ import numpy as np
 from soapflow import method
 from soapflow.config import FitParams
 from soapflow.errors import SoapError
-from storage.feature_store import FeatureStore, check_compatible, final_norm_of
+from soapflow.storage.feature_store import FeatureStore, check_compatible, final_norm_of
 
 # Images per block = this many bytes of float16 tokens (≈ 4× that once in float64): large
 # enough for efficient GEMMs, small enough for a few blocks in flight per core.
@@ -363,7 +363,7 @@ def fit_to_artifact(real_uri: str, synth_uri: str, out_dir: str, params: FitPara
     import contextlib
 
     from soapflow.cluster import dask_client
-    from storage.artifact import check_artifact_target, fit_tensors, read_manifest, write_artifact
+    from soapflow.storage.artifact import check_artifact_target, fit_tensors, read_manifest, write_artifact
 
     # fail on bad input before starting a cluster or reading a token
     check_device(device)

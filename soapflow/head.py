@@ -30,7 +30,7 @@ class SOAPHead(nn.Linear):
     @classmethod
     def from_artifact(cls, path: str | os.PathLike) -> SOAPHead:
         """Load from an artifact directory, verifying its content hash first."""
-        from storage.artifact import read_artifact
+        from soapflow.storage.artifact import read_artifact
 
         artifact = read_artifact(path)
         return cls(torch.from_numpy(artifact.projector.copy()), artifact.manifest)

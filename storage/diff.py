@@ -10,7 +10,7 @@ import numpy as np
 
 from soapflow.errors import SoapError
 from soapflow.method import suppressed
-from storage.artifact import final_norm_of
+from soapflow.storage.artifact import final_norm_of
 
 
 def same_value(a: Any, b: Any) -> bool:

@@ -30,8 +30,8 @@ import zarr
 
 from soapflow.common import is_url, utc_now
 from soapflow.errors import SoapError, io_error, io_reason
-from storage.artifact import final_norm_of
-from storage.lease import StoreBusy, lease_location, store_lease  # noqa: F401  (the store's writer lease)
+from soapflow.storage.artifact import final_norm_of
+from soapflow.storage.lease import StoreBusy, lease_location, store_lease  # noqa: F401  (the store's writer lease)
 
 SCHEMA_VERSION = 1
 TOKENS = "tokens"

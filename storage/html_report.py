@@ -6,7 +6,7 @@ that every version is drawn the same way), the most invariant components, the re
 evaluations with their CIs, and the diff against the previous version. No external file,
 script or style sheet: it can be mailed, attached to a ticket or opened from a Prefect link.
 
-    from storage.html_report import version_report, write_report
+    from soapflow.storage.html_report import version_report, write_report
     write_report("report.html", version_report(Registry(root), "dinov2_vits14/11:3"))
 """
 
@@ -24,7 +24,7 @@ import jinja2
 import numpy as np
 
 from soapflow.errors import SoapError
-from storage.artifact import Artifact, read_artifact
+from soapflow.storage.artifact import Artifact, read_artifact
 
 TOP_COMPONENTS = 12
 # manifest keys shown in their own sections rather than the manifest table
@@ -245,7 +245,7 @@ def previous_version(registry, name: str, version: int, record: dict | None = No
 
 def version_report(registry, ref: str, *, regenerate_plots: bool = True) -> str:
     """The HTML page of one registry version (pulled and hash-verified into a temporary directory)."""
-    from storage.diff import diff_artifacts
+    from soapflow.storage.diff import diff_artifacts
 
     name, version = registry.resolve(ref)
     record = registry.record(f"{name}:{version}")
@@ -292,7 +292,7 @@ def refit_report(artifact_dir: str | os.PathLike, registry: str | None = None, r
     """The page a refit writes beside its artifact: from the registry when it was published
     (with evaluations and the diff), else from the directory. Reuses the plots the fit drew."""
     if ref:
-        from storage.registry import Registry
+        from soapflow.storage.registry import Registry
 
         html = version_report(Registry(registry), ref, regenerate_plots=False)
     else:

@@ -1,6 +1,6 @@
 """The artifact registry: immutable numbered versions, aliases and lineage per name.
 
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
     reg = Registry("s3://bucket/soap", storage_options={"endpoint_url": ...})  # or a local path
     res = reg.publish("artifacts/run-17")          # PublishResult(name='dinov2_vits14/11', version=4, ...)
     reg.promote("dinov2_vits14/11", 4, "production")
@@ -45,9 +45,9 @@ from typing import Any, Callable, Iterable
 
 from soapflow.errors import SoapError, json_object
 from soapflow.common import is_url, utc_now
-from storage.artifact import MANIFEST_FILE, TENSORS_FILE, final_norm_of, read_artifact, sha256_file, verify_artifact
-from storage.diff import diff_artifacts, dotted, same_value
-from storage.objectstore import open_store
+from soapflow.storage.artifact import MANIFEST_FILE, TENSORS_FILE, final_norm_of, read_artifact, sha256_file, verify_artifact
+from soapflow.storage.diff import diff_artifacts, dotted, same_value
+from soapflow.storage.objectstore import open_store
 
 REGISTRY_SCHEMA = 1
 VERSIONS = "~versions"

@@ -29,11 +29,11 @@ def resolve_head_task(head_ref: str, registry: str | None = None) -> dict:
     import os
 
     if os.path.isdir(head_ref):
-        from storage.artifact import read_manifest
+        from soapflow.storage.artifact import read_manifest
 
         manifest = read_manifest(head_ref)
         return {"ref": head_ref, "pinned": head_ref, "from_registry": False, "manifest": _small(manifest)}
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     reg = Registry(registry)
     name, version = reg.resolve(head_ref)
@@ -75,7 +75,7 @@ def knn_cls_task(head_ref: str, *, registry=None, weights=None, image_size=None,
 @task(name="record-evaluation", cache_policy=NO_CACHE)
 def record_task(pinned_ref: str, registry: str | None, reports: dict[str, dict]) -> dict:
     """Write the reports into the registry version's record (one evaluation key each)."""
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     reg = Registry(registry)
     reg.record_evaluation(pinned_ref, reports)

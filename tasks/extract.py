@@ -37,7 +37,7 @@ def prepare_store(uri: str, spec: BackboneSpec, source: str, n: int | None, seed
 def extract_shard(uri: str, created: str, chunks: list[int], spec: BackboneSpec, source: str, n: int | None,
                   seed: int, num_workers: int | None, progress: bool = True,
                   cpu_decode_share: float | None = None) -> ex.ExtractStats:
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     backbone = ex.load(spec)
     src = ex.cached_source(source, n, seed)
@@ -48,7 +48,7 @@ def extract_shard(uri: str, created: str, chunks: list[int], spec: BackboneSpec,
 
 @task(name="finalize-store", cache_policy=NO_CACHE)
 def finalize_store(uri: str, shard_results: list[ex.ExtractStats]) -> ExtractResult:
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     store = FeatureStore.open(uri, mode="r+")
     store.finalize()

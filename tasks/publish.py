@@ -15,7 +15,7 @@ from soapflow.results import Published
 def publish_artifact(artifact_dir: str, registry: str | None, name: str | None, lineage: dict,
                      storage_options: dict | None = None) -> Published:
     """Publish (idempotent: identical content returns the existing version)."""
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     reg = Registry(registry, storage_options)
     res = reg.publish(artifact_dir, name=name, lineage=lineage)

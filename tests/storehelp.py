@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from storage.feature_store import FeatureStore
+from soapflow.storage.feature_store import FeatureStore
 
 
 def write_store(uri, tokens, chunk, dtype="float32", attrs=None, compress=False):

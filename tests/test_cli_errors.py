@@ -84,7 +84,7 @@ def test_refit_tail_of_a_flow_error_has_no_prefect_traceback(tmp_path):
     is logged by Prefect as one line, not a traceback."""
     code = f"""
 import sys
-from flows.refit import refit
+from soapflow.flows.refit import refit
 from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
 try:

@@ -24,7 +24,7 @@ CHUNK = 8
 
 def _flagged(uri: str) -> tuple[int, list[int]]:
     """(number of chunks, flagged-complete chunk indices) of a store being written."""
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     try:
         store = FeatureStore.open(uri)
@@ -70,7 +70,7 @@ def _assert_interrupted(result, seconds, limit):
 
 def _complete_chunks_only(uri: str) -> int:
     """Every flagged chunk holds finite, written tokens; returns how many are flagged."""
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     n_chunks, done = _flagged(uri)
     assert 0 < len(done) < n_chunks, (done, n_chunks)  # stopped mid-way

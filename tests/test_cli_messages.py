@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from storage.artifact import read_manifest
+from soapflow.storage.artifact import read_manifest
 from tests.faults.helpers import make_images, soap
 
 TINY = ["--backbone", "vit_tiny_patch16_224", "--weights", "random", "--image-size", "32", "--chunk", "4"]
@@ -45,7 +45,7 @@ def test_a_fit_on_very_few_images_warns(runs):
 
 def test_fixed_mu_below_the_threshold_points_to_mu_auto(runs):
     _, first, second, third, root = runs
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     manifest = Registry(root / "registry").record("vit_tiny_patch16_224/11:1")["manifest"]  # the first refit's
     assert manifest["mu_mode"] == "fixed" and manifest["n_suppressed"] == 2

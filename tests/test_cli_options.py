@@ -101,7 +101,7 @@ def test_registry_and_storage_options_wherever_a_registry_or_store_uri_is_taken(
 
 
 def test_defaults_agree_with_the_flows_and_functions():
-    from flows.refit import refit as refit_flow
+    from soapflow.flows.refit import refit as refit_flow
     from soapflow.backbones import DEFAULT_BACKBONE
     from soapflow.extract import DEFAULT_CHUNK, default_chunk
     from soapflow.fit import fit_to_artifact

@@ -54,8 +54,8 @@ def test_settings_travel_as_json_like_prefect_parameters():
 
 
 def test_flows_show_their_settings_as_parameters():
-    from flows.evaluate import evaluate
-    from flows.refit import refit
+    from soapflow.flows.evaluate import evaluate
+    from soapflow.flows.refit import refit
 
     schema = refit.parameters.model_dump()
     assert list(schema["properties"]) == ["config"]

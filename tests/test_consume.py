@@ -10,8 +10,8 @@ from soapflow.backbones import load_backbone
 from soapflow.consume import attach, cache_root, load_head
 from soapflow.errors import SoapError
 from soapflow.head import SOAPHead
-from storage.artifact import write_artifact
-from storage.registry import Registry
+from soapflow.storage.artifact import write_artifact
+from soapflow.storage.registry import Registry
 
 LAYER = 5
 D = 192  # vit_tiny

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from prefect_server import PREFECT, PrefectServer
-from storage.artifact import read_artifact
+from soapflow.storage.artifact import read_artifact
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = "soapflow-gpu"  # the pool of the `refit` deployment, as users deploy it
@@ -46,7 +46,7 @@ def test_prefect_yaml_deployments():
     assert nightly["cron"] and nightly["timezone"]
     assert deps["refit-nightly"]["entrypoint"] == "flows/refit_catalog.py:refit_catalog"
     assert deps["refit-nightly"]["parameters"]["catalog"] == "catalog.yaml"
-    from flows.refit_catalog import load_catalog
+    from soapflow.flows.refit_catalog import load_catalog
 
     assert load_catalog(str(REPO / "catalog.yaml"))  # the shipped catalog parses
     [pull] = spec["pull"]

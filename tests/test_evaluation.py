@@ -435,9 +435,9 @@ def test_token_cache_and_class_tokens(tmp_path, monkeypatch):
 
 
 def test_evaluate_flow_records_into_the_registry(tiny_artifact, tmp_path):
-    from flows.evaluate import evaluate
+    from soapflow.flows.evaluate import evaluate
     from soapflow.config import EvalSettings
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     reg = Registry(str(tmp_path / "registry"))
     pub = reg.publish(tiny_artifact)

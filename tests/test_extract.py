@@ -15,8 +15,8 @@ from soapflow.config import BackboneSpec, RefitConfig
 import torch
 
 from soapflow.extract import cached_backbone, cached_source, extract, extract_chunks, open_store_for
-from storage.artifact import read_artifact
-from storage.feature_store import open_store
+from soapflow.storage.artifact import read_artifact
+from soapflow.storage.feature_store import open_store
 
 TINY = dict(backbone=BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=64))
 
@@ -263,7 +263,7 @@ def test_one_pass_over_several_blocks_writes_each_store_as_extract_does(tmp_path
     from concurrent.futures import ThreadPoolExecutor
 
     from soapflow.extract import extract_layers
-    from storage.feature_store import StoreBusy, store_lease
+    from soapflow.storage.feature_store import StoreBusy, store_lease
 
     src = cached_source("photos", 10, 0)
     uris = {l: str(tmp_path / f"L{l}") for l in (3, -1)}
@@ -347,7 +347,7 @@ def test_cli_extract_and_bad_backbone(tmp_path):
 
 
 def _refit(tmp, **kw):
-    from flows.refit import refit
+    from soapflow.flows.refit import refit
 
     return refit(RefitConfig.from_flat(dict(backbone="vit_tiny_patch16_224", weights="random", image_size=64,
                                             data="photos", n_real=12, chunk=4, workdir=str(tmp), progress=False,
@@ -358,7 +358,7 @@ def test_refit_flow_thread_pool_and_dask_runner_agree(tmp_path):
     from distributed import LocalCluster
     from prefect_dask import DaskTaskRunner
 
-    from flows.refit import refit
+    from soapflow.flows.refit import refit
 
     first = _refit(tmp_path / "a")
     art = read_artifact(first["artifact"])

@@ -12,7 +12,7 @@ from soapflow.cluster import dask_client
 from soapflow.config import Auto, FitParams
 from soapflow.errors import SoapError
 from soapflow.fit import fit_stores, fit_to_artifact
-from storage.feature_store import FeatureStore
+from soapflow.storage.feature_store import FeatureStore
 from storehelp import positional_tokens, write_store
 
 EPS = 1e-12
@@ -206,7 +206,7 @@ def test_manifest_records_final_norm(client, tmp_path):
 def test_missing_tokens_empty_and_incomplete_stores(client, tmp_path):
     import zarr
 
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     zarr.open_group(str(tmp_path / "notokens"), mode="w").create_array("other", shape=(3,), dtype="f4")
     g = zarr.open_group(str(tmp_path / "empty"), mode="w")

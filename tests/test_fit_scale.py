@@ -15,7 +15,7 @@ from soapflow.cluster import MEMORY_FRACTION, bounded_count, dask_client, local_
 from soapflow.config import Auto, FitParams
 from soapflow.errors import SoapError
 from soapflow.fit import LEAF_BYTES, fit_stores, fit_to_artifact, resolve_device
-from storage.feature_store import FeatureStore
+from soapflow.storage.feature_store import FeatureStore
 from storehelp import positional_tokens, write_store
 
 GiB = 2**30

@@ -36,7 +36,7 @@ def registry(tmp_path_factory):
     """Two published versions of one name, fitted from real stores; v2 has a recorded evaluation."""
     from soapflow.config import FitParams
     from soapflow.fit import fit_to_artifact
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     root = tmp_path_factory.mktemp("report")
     write_store(str(root / "synth"), positional_tokens(24, seed=9, position_strength=1.5), chunk=8)
@@ -95,7 +95,7 @@ def test_registry_report_renders_in_chromium(registry, tmp_path):
 
 
 def test_first_version_has_no_diff_and_errors_are_one_line(registry, tmp_path):
-    from storage.html_report import version_report
+    from soapflow.storage.html_report import version_report
 
     root, reg = registry
     page = version_report(reg, f"{NAME}:1")

@@ -10,9 +10,9 @@ import scipy.fft
 import scipy.stats
 import torch
 
-from noise_generators import GENERATORS, IMAGENET_MEAN, IMAGENET_STD, generate, generator_params
-from noise_generators import recipes, rng
-from noise_generators.dct import idct2, idct2_torch
+from soapflow.noise_generators import GENERATORS, IMAGENET_MEAN, IMAGENET_STD, generate, generator_params
+from soapflow.noise_generators import recipes, rng
+from soapflow.noise_generators.dct import idct2, idct2_torch
 from soapflow.errors import SoapError
 
 NAMES = ["pink", "modulated_white", "gradient", "constant", "uniform", "gaussian", "mixture", "marginal"]
@@ -65,7 +65,7 @@ def test_window_is_bit_identical(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_window_is_bit_identical_across_blocks(name, monkeypatch):
     # blocks of 4 images (what 224 px gets): windows that start and end mid-block
-    import noise_generators
+    from soapflow import noise_generators
 
     monkeypatch.setattr(noise_generators, "_images_per_block", lambda c, s, d: 4)
     full = generate(name, 11, 20, seed=1)
@@ -78,7 +78,7 @@ def test_window_is_bit_identical_across_blocks(name, monkeypatch):
 
 @pytest.mark.parametrize("name", ["mixture", "marginal"])
 def test_cpu_images_are_bit_identical_for_any_thread_count(name, monkeypatch):
-    import noise_generators
+    from soapflow import noise_generators
 
     monkeypatch.setattr(noise_generators, "_images_per_block", lambda c, s, d: 4)
     before = torch.get_num_threads()
@@ -94,7 +94,7 @@ def test_cpu_images_are_bit_identical_for_any_thread_count(name, monkeypatch):
 
 
 def test_block_size_is_a_power_of_two():
-    import noise_generators
+    from soapflow import noise_generators
 
     cpu = torch.device("cpu")
     assert noise_generators._images_per_block(3, 224, cpu) == 4

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from soapflow.config import EvalSettings
 from soapflow.errors import SoapError
 from soapflow.evaluation import planted as PL
-from storage.feature_store import FeatureStore
+from soapflow.storage.feature_store import FeatureStore
 from storehelp import write_store
 
 

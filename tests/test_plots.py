@@ -20,7 +20,7 @@ MANIFEST = {"backbone": "dinov2_vits14", "layer": 11, "feature": "out", "n_real_
 def fitted(tmp_path_factory):
     """A real fit (stores on disk, the dask fit) of tokens with a positional pattern."""
     from soapflow.fit import fit_to_artifact
-    from storage.artifact import read_artifact
+    from soapflow.storage.artifact import read_artifact
 
     root = tmp_path_factory.mktemp("plots")
     write_store(str(root / "real"), positional_tokens(40, h=6, w=7, d=48, seed=0), chunk=16)
@@ -191,7 +191,7 @@ def test_eval_tables_mark_significance_unchanged_and_the_resolved_version():
 def test_soap_eval_prints_the_version_the_alias_resolved_to(tmp_path):
     """Through the CLI: --head NAME@latest on a registry says which version was evaluated."""
     from soapflow.cli.main import app
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     path = tiny_vit_artifact(str(tmp_path), layer=2, image_size=32, n=16, chunk=8)
     reg = Registry(str(tmp_path / "registry"))

@@ -123,7 +123,7 @@ def test_readme_run_history_recipe_on_a_real_server(tmp_path):
         runs = _refit_runs(server)
         assert len(runs) == 2 and runs[1]["state"]["type"] == "COMPLETED"
         _check_artifacts(server, runs[1]["id"])
-        from storage.registry import Registry
+        from soapflow.storage.registry import Registry
 
         reg = Registry(str(tmp_path / "registry"))
         [name] = reg.names()

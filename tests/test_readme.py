@@ -146,7 +146,7 @@ def check_flow_parameters(flow, params: dict) -> None:
     if flow.name == "refit":
         import pydantic
 
-        from flows.refit import check_parameters
+        from soapflow.flows.refit import check_parameters
         from soapflow import preflight
         from soapflow.config import RefitConfig
 

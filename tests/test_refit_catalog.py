@@ -2,10 +2,10 @@
 
 import pytest
 
-from flows.refit_catalog import load_catalog, refit_catalog
+from soapflow.flows.refit_catalog import load_catalog, refit_catalog
 from soapflow.config import RefitConfig
 from soapflow.errors import SoapError
-from storage.registry import Registry
+from soapflow.storage.registry import Registry
 
 CATALOG = """
 defaults:
@@ -56,7 +56,7 @@ def test_bad_catalogs_name_the_problem(tmp_path):
 
 
 def test_refit_publishes_then_evaluates_into_the_record(tmp_path):
-    from flows.refit import refit
+    from soapflow.flows.refit import refit
 
     reg = str(tmp_path / "reg")
     result = refit(RefitConfig.from_flat(dict(

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from soapflow.errors import SoapError
-from storage.artifact import read_artifact, read_manifest, write_artifact
-from storage.registry import Registry, default_registry_root, parse_ref, validate_name
+from soapflow.storage.artifact import read_artifact, read_manifest, write_artifact
+from soapflow.storage.registry import Registry, default_registry_root, parse_ref, validate_name
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "tiny-vit/3"
@@ -336,7 +336,7 @@ def test_unknown_name_version_alias(tmp_path):
 
 WORKER = r"""
 import json, os, sys, time
-from storage.registry import Registry
+from soapflow.storage.registry import Registry
 root, art, ready, go = sys.argv[1:5]
 reg = Registry(root)
 reg.names()  # imports and connections warmed up before the start signal
@@ -502,7 +502,7 @@ def test_s3_feature_stores_fit_identical_to_local(s3, tmp_path):
     from storehelp import positional_tokens
 
     from soapflow.fit import fit_to_artifact
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     bucket = s3.new_bucket()
     opts = s3.storage_options
@@ -598,7 +598,7 @@ def test_s3_missing_bucket_is_a_clear_error(s3, tmp_path):
 
 
 def test_storage_options_from_environment(monkeypatch):
-    from storage.registry import default_storage_options
+    from soapflow.storage.registry import default_storage_options
 
     monkeypatch.delenv("SOAPFLOW_STORAGE_OPTIONS", raising=False)
     assert default_storage_options() is None

@@ -13,8 +13,8 @@ from soapflow.cluster import dask_client
 from soapflow.evaluation.scan import parse_layers, scan
 from soapflow.fit import fit_stores
 from soapflow.head import SOAPHead
-from storage.artifact import read_artifact
-from storage.feature_store import FeatureStore
+from soapflow.storage.artifact import read_artifact
+from soapflow.storage.feature_store import FeatureStore
 from storehelp import positional_tokens, write_store
 
 

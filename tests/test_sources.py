@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-import noise_generators as ng
+from soapflow import noise_generators as ng
 from soapflow.errors import SoapError
 from soapflow.sources import (
     FASHION_MNIST_DIR,

@@ -8,8 +8,8 @@ import torch
 
 from soapflow.errors import SoapError
 from soapflow.head import SOAPHead
-from storage.artifact import TENSOR_NAMES, read_artifact, write_artifact
-from storage.feature_store import FeatureStore, open_store
+from soapflow.storage.artifact import TENSOR_NAMES, read_artifact, write_artifact
+from soapflow.storage.feature_store import FeatureStore, open_store
 from storehelp import positional_tokens, write_store
 
 
@@ -161,7 +161,7 @@ def test_soap_head_applies_projector_to_raw_tokens(tmp_path):
 def test_final_norm_is_part_of_a_stores_identity(tmp_path):
     """Tokens before and after the final norm never mix: not on resume, not in a fit; a store
     without the attribute (written before soapflow recorded it) holds pre-norm tokens."""
-    from storage.feature_store import check_compatible
+    from soapflow.storage.feature_store import check_compatible
 
     tokens = positional_tokens(6)
     old = write_store(tmp_path / "old", tokens, chunk=3)  # no final_norm attribute

@@ -53,7 +53,7 @@ def _context(head, registry, storage_option, weights, image_size, device):
 
     storage_options = opt.parse_storage_options(storage_option)
     if storage_options is not None:
-        from storage.registry import Registry as _Registry
+        from soapflow.storage.registry import Registry as _Registry
 
         registry = _Registry(registry, storage_options)
     return load_context(head, registry=registry, weights=weights, image_size=image_size,
@@ -74,7 +74,7 @@ def _finish(report: dict, ctx, json_path: str | None, record: bool) -> None:
                 f"--record needs a registry --head; {ctx.ref} is an artifact directory (artifacts are immutable: "
                 "use --json to keep the results)"
             )
-        from storage.registry import Registry
+        from soapflow.storage.registry import Registry
 
         reg = ctx.registry if isinstance(ctx.registry, Registry) else Registry(ctx.registry)
         ref = f"{ctx.manifest.get('name')}:{ctx.manifest.get('version')}" if ctx.manifest.get("name") else ctx.ref

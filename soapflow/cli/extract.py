@@ -140,8 +140,8 @@ def refit(
     from rich.console import Console
     from rich.table import Table
 
-    from flows.refit import quick_local_run
-    from flows.refit import refit as refit_flow
+    from soapflow.flows.refit import quick_local_run
+    from soapflow.flows.refit import refit as refit_flow
     from soapflow import cancel
     from soapflow.extract import TIMINGS, ExtractStats
 

@@ -28,8 +28,8 @@ def preview(
                                    "uniform, gaussian, mixture, marginal), or 'all'."),
 ) -> None:
     """Write a PNG grid: one row per generator, COUNT images each."""
-    from noise_generators import GENERATORS  # torch: only when the command runs
-    from noise_generators.preview import preview_grid  # matplotlib only when needed
+    from soapflow.noise_generators import GENERATORS  # torch: only when the command runs
+    from soapflow.noise_generators.preview import preview_grid  # matplotlib only when needed
 
     chosen = list(GENERATORS) if names.strip() == "all" else [n.strip() for n in names.split(",") if n.strip()]
     if not chosen:

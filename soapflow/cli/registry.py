@@ -37,8 +37,8 @@ def _group() -> None:
 def _registry(root: str | None, storage_option: list[str] | None, *, must_exist: bool = True):
     """The registry to read (``must_exist``: a --registry path that is not there is a typo, not an
     empty registry) or to publish into (created on first use)."""
-    from storage.objectstore import is_url
-    from storage.registry import Registry
+    from soapflow.storage.objectstore import is_url
+    from soapflow.storage.registry import Registry
 
     if must_exist and root and not is_url(str(root)):
         path = os.path.expanduser(str(root))
@@ -241,7 +241,7 @@ def report(
 ) -> None:
     """Write one HTML page for a version: manifest, lineage, SI plot, response maps, recorded
     evaluations with CIs, and the diff against the previous version."""
-    from storage.html_report import version_report, write_report
+    from soapflow.storage.html_report import version_report, write_report
 
     if not out.lower().endswith((".html", ".htm")):
         raise SoapError(f"--out {out}: give an .html file name")
@@ -262,7 +262,7 @@ def export_mlflow(
     storage_option: StorageOpt = None,
 ) -> None:
     """Log a version's artifact to MLflow and register a model version with the same aliases."""
-    from storage.mlflow_export import export_mlflow as do_export
+    from soapflow.storage.mlflow_export import export_mlflow as do_export
 
     reg = _registry(registry, storage_option)
     out = do_export(reg, ref, tracking_uri, model_name=model_name, experiment=experiment,

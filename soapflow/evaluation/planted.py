@@ -363,7 +363,7 @@ def plant_store(clean_uri: str, out_uri: str, plant: Plant | None, *, progress: 
     chunk for chunk, with the clean store's attributes and a ``planted`` record."""
     from tqdm.auto import tqdm
 
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     clean = FeatureStore.open(clean_uri)
     clean.require_complete()
@@ -408,8 +408,8 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
     from tqdm.auto import tqdm
 
     from soapflow.cluster import dask_client
-    from storage.artifact import read_artifact
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.artifact import read_artifact
+    from soapflow.storage.feature_store import FeatureStore
 
     real = FeatureStore.open(real_uri)
     synth = FeatureStore.open(synth_uri)
@@ -710,7 +710,7 @@ def run_planted(data: PlantedData, planting: Planting, ev: EvalSettings | None, 
                 keep_stores: bool = False, progress: bool = True) -> dict:
     """Extract (or reuse) the clean stores in ``work_dir``, run the sweep, evaluate; a JSON-able report."""
     from soapflow import __version__
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     ev = ev or EvalSettings(evaluations=())
     t0 = time.perf_counter()

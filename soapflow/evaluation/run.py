@@ -111,7 +111,7 @@ def backbone_for_manifest(manifest: dict, *, weights: str | None = None, image_s
     want = manifest.get("weights")
     if weights is None and want == "random":
         weights = "random"
-    from storage.artifact import final_norm_of
+    from soapflow.storage.artifact import final_norm_of
 
     # the tokens the head was fitted on: after the final norm or not, as recorded (absent = before)
     bb = load_backbone(name, weights=weights, layer=int(mlayer), feature=manifest.get("feature") or "out",

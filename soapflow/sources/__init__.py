@@ -34,7 +34,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import noise_generators
+from soapflow import noise_generators
 from soapflow.errors import SoapError
 from soapflow.sources.base import IMAGE_EXTENSIONS, Source, _check_n
 from soapflow.sources.fashion_mnist import (

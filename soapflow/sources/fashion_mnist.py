@@ -14,7 +14,7 @@ from PIL import Image
 from soapflow.errors import SoapError
 from soapflow.sources.base import Source, _indices
 from soapflow.transforms import transform_image, transform_mask
-from storage.artifact import sha256_file
+from soapflow.storage.artifact import sha256_file
 
 #: Where the Debian package ``dataset-fashion-mnist`` puts its idx files;
 #: ``SOAP_FASHION_MNIST_DIR`` overrides it.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-import noise_generators
+from soapflow import noise_generators
 from soapflow.errors import SoapError
 from soapflow.sources.base import Source, _indices, _jsonable
 

@@ -55,7 +55,7 @@ def main() -> None:
     import soapflow.cli.main  # noqa: F401
     import soapflow.extract  # noqa: F401
     import soapflow.fit  # noqa: F401
-    import storage.registry  # noqa: F401
+    import soapflow.storage.registry  # noqa: F401
 
     results = []
     with tempfile.TemporaryDirectory(prefix="soap-clidriver-") as tmp:

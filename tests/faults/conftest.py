@@ -53,7 +53,7 @@ class Reference:
         return self._tokens
 
     def attrs(self):
-        from storage.feature_store import FeatureStore
+        from soapflow.storage.feature_store import FeatureStore
 
         self.tokens()
         return FeatureStore.open(str(self.path)).attrs
@@ -71,7 +71,7 @@ def reference(images, tmp_path_factory):
 @pytest.fixture
 def no_leftover_leases():
     """Every lease a test takes in this process is released by its end."""
-    from storage import lease
+    from soapflow.storage import lease
 
     yield
     assert not lease._LEASES, lease._LEASES

@@ -121,7 +121,7 @@ def bomb_png(width=20000, height=20000) -> bytes:
 
 
 def tokens_of(uri) -> np.ndarray:
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     return np.asarray(FeatureStore.open(str(uri)).tokens[:])
 

@@ -84,7 +84,7 @@ def _stores(root: Path) -> dict[str, Path]:
     import zarr
 
     from storehelp import positional_tokens, write_store
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     s = {}
     real = positional_tokens(12, h=2, w=2, d=8, seed=1)
@@ -113,7 +113,7 @@ def _stores(root: Path) -> dict[str, Path]:
 
 
 def _artifacts(root: Path) -> dict[str, Path]:
-    from storage.artifact import TENSOR_NAMES, write_artifact
+    from soapflow.storage.artifact import TENSOR_NAMES, write_artifact
 
     rng = np.random.default_rng(0)
     tensors = {k: rng.normal(size=(4, 4)).astype(np.float32) for k in TENSOR_NAMES}
@@ -292,7 +292,7 @@ def test_every_bad_input_is_one_clear_line(results):
 
 
 def test_unreadable_images_are_counted_and_listed_others_converted(results):
-    from storage.feature_store import FeatureStore
+    from soapflow.storage.feature_store import FeatureStore
 
     cid = next(c for c in results["cases"] if c.startswith("folder with corrupt"))
     r = results["results"][cid]

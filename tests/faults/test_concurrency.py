@@ -19,9 +19,9 @@ import pytest
 from soapflow.config import BackboneSpec
 
 from soapflow.errors import SoapError
-from storage import lease as lease_module
-from storage.feature_store import FeatureStore
-from storage.lease import StoreBusy, lease_location, store_lease
+from soapflow.storage import lease as lease_module
+from soapflow.storage.feature_store import FeatureStore
+from soapflow.storage.lease import StoreBusy, lease_location, store_lease
 from tests.faults.conftest import extract_args
 from tests.faults.helpers import (
     ENV, REPO, assert_clean_error, killer_cmd, same_bits, soap_cmd, tokens_of, wait_for,
@@ -123,7 +123,7 @@ def test_two_refits_fill_one_store_without_corrupting_it(tmp_path, no_leftover_l
     either refuses (the other holds the store) or fills chunks beside the other; the store
     ends complete and identical to a single run's."""
     from soapflow.extract import extract
-    from tasks.extract import extract_shard, finalize_store, prepare_store
+    from soapflow.tasks.extract import extract_shard, finalize_store, prepare_store
 
     spec = BackboneSpec("vit_tiny_patch16_224", weights="random", layer=11, image_size=32, device="cpu")
     source, n, chunk = "noise:mixture", 24, 4
@@ -271,7 +271,7 @@ def test_a_lease_that_cannot_renew_says_so(s3, monkeypatch, caplog, no_leftover_
     uri = f"s3://{bucket}/stores/real"
     opts = _s3_options(s3)
     fs, key = fsspec.core.url_to_fs(lease_location(uri), **opts)
-    caplog.set_level(logging.WARNING, logger="storage.lease")
+    caplog.set_level(logging.WARNING, logger="soapflow.storage.lease")
     with store_lease(uri, opts):
         held = lease_module._LEASES[lease_location(uri)].backend
 
@@ -319,14 +319,14 @@ def test_extraction_to_s3_holds_and_releases_its_lease(s3, tmp_path, no_leftover
 
 PUBLISH = """
 import sys
-from storage.registry import Registry
+from soapflow.storage.registry import Registry
 res = Registry(sys.argv[1]).publish(sys.argv[2], name=sys.argv[3])
 print(res.version, res.created, res.content_hash)
 """
 
 
 def _artifacts(tmp_path, count):
-    from storage.artifact import TENSOR_NAMES, write_artifact
+    from soapflow.storage.artifact import TENSOR_NAMES, write_artifact
 
     paths = []
     for i in range(count):
@@ -337,7 +337,7 @@ def _artifacts(tmp_path, count):
 
 
 def test_eight_concurrent_publishes_stay_distinct(tmp_path):
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     root = tmp_path / "registry"
     arts = _artifacts(tmp_path, 8)

@@ -11,7 +11,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from storage.feature_store import FeatureStore, lease_location
+from soapflow.storage.feature_store import FeatureStore, lease_location
 from tests.faults.conftest import CHUNK, N_IMAGES, extract_args
 from tests.faults.helpers import ENV, REPO, chunk_state, killer_cmd, run, same_bits, soap_cmd, tokens_of
 
@@ -31,7 +31,7 @@ TARGETED = [
      lambda s: 6 in s["tokens"] and 6 not in s["flagged"] and not s["partial"]),
 ]
 FINALIZE = ("every chunk flagged, finalize not yet",
-            {"target": "storage.feature_store:FeatureStore.finalize", "when": "before"},
+            {"target": "soapflow.storage.feature_store:FeatureStore.finalize", "when": "before"},
             lambda s: s["flagged"] == set(range(N_CHUNKS)))
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from storage.artifact import read_manifest, verify_artifact
+from soapflow.storage.artifact import read_manifest, verify_artifact
 from tests.faults.helpers import killer_cmd, run, soap
 
 
@@ -39,9 +39,9 @@ def test_killed_fit_leaves_no_partial_artifact(stores, tmp_path):
     kills = [
         ("computing the fit", {"target": "soapflow.method:soap_from_statistics", "when": "before"}, False),
         ("tensors written to the temporary directory, manifest not yet",
-         {"target": "storage.artifact:save_file", "when": "after"}, True),
+         {"target": "soapflow.storage.artifact:save_file", "when": "after"}, True),
         ("artifact complete in its temporary directory, not yet moved into place",
-         {"target": "storage.artifact:_move_into_place", "when": "before"}, True),
+         {"target": "soapflow.storage.artifact:_move_into_place", "when": "before"}, True),
     ]
     for what, spec, leaves_temporary in kills:
         result = run(killer_cmd(spec, *_fit_args(stores, out)))
@@ -61,7 +61,7 @@ def test_killed_fit_leaves_no_partial_artifact(stores, tmp_path):
 
     # replacing an artifact (--overwrite) and being killed just before the swap: the old one stays whole
     old_hash = manifest["content_hash"]
-    killed = run(killer_cmd({"target": "storage.artifact:_exchange", "when": "before"},
+    killed = run(killer_cmd({"target": "soapflow.storage.artifact:_exchange", "when": "before"},
                             *_fit_args(stores, out, "--overwrite", "--mu", "1")))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     assert verify_artifact(out)["content_hash"] == old_hash
@@ -73,7 +73,7 @@ def test_killed_fit_leaves_no_partial_artifact(stores, tmp_path):
 
 
 def _artifact(path: Path, seed: int) -> Path:
-    from storage.artifact import TENSOR_NAMES, write_artifact
+    from soapflow.storage.artifact import TENSOR_NAMES, write_artifact
 
     rng = np.random.default_rng(seed)
     tensors = {k: rng.normal(size=(8, 8)).astype(np.float32) for k in TENSOR_NAMES}
@@ -83,7 +83,7 @@ def _artifact(path: Path, seed: int) -> Path:
 
 
 def test_killed_publish_keeps_the_registry_consistent(tmp_path):
-    from storage.registry import Registry
+    from soapflow.storage.registry import Registry
 
     root, name = tmp_path / "registry", "team/model"
     reg = Registry(root)
@@ -93,10 +93,10 @@ def test_killed_publish_keeps_the_registry_consistent(tmp_path):
     args = ["registry", "publish", str(art), "--name", name, "--registry", str(root)]
     kills = [
         ("version number claimed, nothing uploaded",
-         {"target": "storage.objectstore:LocalStore.create_bytes", "when": "after", "nth": 1}),
+         {"target": "soapflow.storage.objectstore:LocalStore.create_bytes", "when": "after", "nth": 1}),
         ("in the middle of uploading the artifact's files", {"target": "shutil:copyfile", "when": "after", "nth": 2}),
         ("artifact and record written, commit marker not yet",
-         {"target": "storage.objectstore:LocalStore.create_bytes", "when": "before", "nth": 2}),
+         {"target": "soapflow.storage.objectstore:LocalStore.create_bytes", "when": "before", "nth": 2}),
     ]
     for what, spec in kills:
         result = run(killer_cmd(spec, *args))

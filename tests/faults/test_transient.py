@@ -10,7 +10,7 @@ import pytest
 import soapflow.extract as ex
 from soapflow.config import BackboneSpec, RefitConfig
 from soapflow.errors import SoapError, TransientError
-from storage.feature_store import FeatureStore
+from soapflow.storage.feature_store import FeatureStore
 from tests.faults.helpers import DroppableEndpoint, same_bits
 
 SPEC = BackboneSpec("vit_tiny_patch16_224", weights="random", layer=11, image_size=32, device="cpu")
@@ -20,7 +20,7 @@ REFIT = dict(backbone="vit_tiny_patch16_224", weights="random", image_size=32, n
 def test_refit_retries_a_failing_extraction_and_matches_dask_runner(images, tmp_path, monkeypatch):
     from prefect_dask import DaskTaskRunner
 
-    from flows.refit import refit
+    from soapflow.flows.refit import refit
 
     real_extract = ex.extract_chunks
     calls = []
@@ -74,7 +74,7 @@ def s3_outage(monkeypatch):
 def test_flow_survives_a_dropped_s3_connection(s3_outage, tmp_path, monkeypatch):
     from prefect import flow
 
-    from tasks.extract import extract_shard, finalize_store, prepare_store
+    from soapflow.tasks.extract import extract_shard, finalize_store, prepare_store
 
     server, proxy = s3_outage
     uri = f"s3://{server.new_bucket()}/stores/synthetic"
@@ -146,12 +146,12 @@ def test_tasks_retry_transient_errors_only(error, attempts, tmp_path, monkeypatc
     from prefect import flow
     from prefect.states import State
 
-    from storage.registry import Registry
-    from tasks.extract import extract_shard, prepare_store
-    from tasks.publish import publish_artifact
+    from soapflow.storage.registry import Registry
+    from soapflow.tasks.extract import extract_shard, prepare_store
+    from soapflow.tasks.publish import publish_artifact
 
-    monkeypatch.setattr("tasks.extract.extract_shard.retry_delay_seconds", 0)
-    monkeypatch.setattr("tasks.publish.publish_artifact.retry_delay_seconds", 0)
+    monkeypatch.setattr("soapflow.tasks.extract.extract_shard.retry_delay_seconds", 0)
+    monkeypatch.setattr("soapflow.tasks.publish.publish_artifact.retry_delay_seconds", 0)
     calls = {"extract": 0, "publish": 0}
 
     def failing(what):
