@@ -675,8 +675,8 @@ def _extract_clean(data: PlantedData, work_dir: str, need_eval: bool, progress: 
 
 
 def _natural_note(run: dict) -> str:
-    if "effective_max_angle_deg" not in run:
-        return ""
+    if "effective_max_angle_deg" not in run or max(d["natural_ratio"] for d in run["directions"]) < 0.1:
+        return ""  # the clean tokens' own positional part along the patterns is too small to matter
     ratios = ", ".join(f"{d['natural_ratio']:.2f}" for d in run["directions"])
     tilts = ", ".join(f"{d['angle_u_to_effective_deg']:.1f}°" for d in run["directions"])
     return (f" The clean tokens' own per-position mean already varies with these patterns (‖g_j‖/c_j = {ratios}), "
@@ -780,6 +780,16 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.2f}"
 
 
+def _where_planted(config: dict) -> str:
+    if config.get("plant") == "quiet":
+        return (" Planted where the clean tokens are quiet (`--plant quiet`): the cosines their per-position mean "
+                "varies least along, and directions orthogonal to their principal components with eigenvalue ≥ "
+                f"{config.get('quiet_eigenvalue', QUIET_EIGENVALUE):g}·λ_max, so u_j is the ground truth.")
+    if config.get("plant") == "plain":
+        return " Planted at the lowest frequencies along random directions (`--plant plain`)."
+    return ""
+
+
 def markdown_table(report: dict) -> str:
     """Markdown: the recovery table, then (when evaluated) one zero-shot table per metric."""
     lines = [
@@ -799,7 +809,7 @@ def markdown_table(report: dict) -> str:
     lines.append("Angles are principal angles between the suppressed subspace (weight > 0.5 · score) and "
                  "span(u_j); recovered = largest ≤ " f"{MAX_ANGLE_DEG:g}°. c·u + g: the positional artifact "
                  "actually present with each planted pattern a_j — the planted c_j·u_j plus g_j, the clean "
-                 "tokens' own per-position mean along a_j.")
+                 "tokens' own per-position mean along a_j." + _where_planted(report["config"]))
     lines.append("")
     lines.append(f"Clean fit: λ_max = {clean['lambda_max']:.4g}, μ = {clean['mu']:g}, "
                  f"{clean['n_suppressed']} components suppressed, top SI "
