@@ -818,10 +818,11 @@ def markdown_table(report: dict) -> str:
         key, label = METRICS[e]
         lines += ["", f"**{label}** (%; Δ with its paired 95% bootstrap CI over images, * = excludes 0; "
                   "recovered = 1 − (clean+SOAP − planted+SOAP)/(clean − planted), given where planting's loss is "
-                  "significant; within CI = the CI of planted+SOAP − clean+SOAP contains 0)", "",
+                  "significant; in clean+SOAP's CI = planted+SOAP lies in clean+SOAP's own 95% CI; paired = the stricter paired "
+                  "CI of planted+SOAP − clean+SOAP contains 0)", "",
                   "| k | amplitude | clean | clean+SOAP | planted | planted+SOAP | planting Δ [CI] | "
-                  "planted+SOAP − clean+SOAP [CI] | recovered | within CI |",
-                  "|---:|---:|---:|---:|---:|---:|---|---|---:|:---:|"]
+                  "planted+SOAP − clean+SOAP [CI] | recovered | in clean+SOAP's CI | paired |",
+                  "|---:|---:|---:|---:|---:|---:|---|---|---:|:---:|:---:|"]
         for r in report["runs"]:
             m = r["metrics"][key]
 
@@ -833,7 +834,7 @@ def markdown_table(report: dict) -> str:
             frac = "—" if m["recovered_fraction"] is None else f"{100 * m['recovered_fraction']:.0f} %"
             lines.append(f"| {r['k']} | {r['amplitude']:g}× | {_pct(m['clean'])} | {_pct(m['clean_soap'])} | "
                          f"{_pct(m['planted'])} | {_pct(m['planted_soap'])} | {d(m['loss'])} | {d(m['residual'])} | "
-                         f"{frac} | {'yes' if m['within_paired_ci'] else 'no'} |")
+                         f"{frac} | {'yes' if m['within_clean_soap_ci'] else 'no'} | {'yes' if m['within_paired_ci'] else 'no'} |")
     if report.get("notes"):
         lines.append("")
         lines += [f"- {n}" for n in report["notes"]]
