@@ -7,6 +7,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
+from soapflow.config import BackboneSpec, DataSpec, EvalSettings, RunSettings
 from soapflow.evaluation.scan import scan
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,10 +25,11 @@ def test_page_and_readme_rendered_from_json(tmp_path):
 
     data = tmp_path / "data"
     data.mkdir()
-    scan("vit_tiny_patch16_224", weights="random", layers="1,-1", image_size=32, data="fashion-mnist:train", n=8,
-         synth_n=8, evaluations=["salient", "knn-seg", "knn-cls"], eval_n=6, bank_n=8, n_boot=100,
-         work_dir=str(tmp_path / "work"), keep_work=True, artifacts_dir=str(tmp_path / "arts"),
-         out_dir=str(tmp_path / "scan"), progress=False)
+    scan(BackboneSpec("vit_tiny_patch16_224", weights="random", image_size=32, device="cpu"), "1,-1",
+         DataSpec(real="fashion-mnist:train", n_real=8, n_synth=8),
+         evaluation=EvalSettings(evaluations=("salient", "knn-seg", "knn-cls"), n=6, bank_n=8, n_boot=100),
+         run=RunSettings(workdir=str(tmp_path / "work"), progress=False), keep_work=True,
+         artifacts_dir=str(tmp_path / "arts"), out_dir=str(tmp_path / "scan"))
     shutil.copy(tmp_path / "scan" / "scan.json", data / "scan.json")
     res = CliRunner().invoke(app, ["eval", "salient", "--head", str(tmp_path / "arts" / "L11"), "--dataset",
                                    "fashion-mnist", "--n", "6", "--tau", "0.2", "--soap-tau", "0.3", "--n-boot", "100",

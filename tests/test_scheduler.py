@@ -60,12 +60,14 @@ def job(name, items, seen, prefetch, **kw):
 def test_jobs_take_turns_and_keep_their_order(prefetch):
     seen = []
     started = threading.Event()
-    # both jobs are in before the device thread looks: submit under a check that waits for the second
+    # both jobs are in before the device thread picks one (it needs the scheduler's lock for that),
+    # and no chunk goes before the test says so
     scheduler = DeviceScheduler("test", check=lambda: started.wait(10))
     jobs = [job("a", chunks("a", 5), seen, prefetch, depth=8), job("b", chunks("b", 3), seen, prefetch, depth=8)]
     scheduler.order = []
-    for j in jobs:
-        scheduler.submit(j)
+    with scheduler._cond:
+        for j in jobs:
+            scheduler.submit(j)
     if prefetch:  # every chunk made and waiting (and the end): the turns alone decide the order
         deadline = time.time() + 10
         while any(j._queue.qsize() < want for j, want in zip(jobs, (6, 4))) and time.time() < deadline:
