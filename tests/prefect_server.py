@@ -75,6 +75,18 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def wait_children(self, timeout: float = 60.0) -> bool:
+        """Wait until the process has no child processes (a worker done with its flow runs)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if not psutil.Process(self.pid).children(recursive=True):
+                    return True
+            except psutil.NoSuchProcess:
+                return True
+            time.sleep(0.2)
+        return False
+
     def tail(self, n: int = 4000) -> str:
         self._fh.flush()
         return _tail(self.log, n)

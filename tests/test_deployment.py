@@ -114,6 +114,11 @@ def test_refit_deployment_on_a_real_server(tmp_path):
         assert spans[0][1] <= spans[1][0], f"extraction tasks overlapped under a gpu limit of 1: {spans}"
         gpu = server.http.get("/concurrency_limits/tag/gpu").raise_for_status().json()
         assert gpu["active_slots"] == []
+        # The run's state is COMPLETED before its process has exited; the SIGINT below is for an
+        # idle worker, so let the worker reap the run first (a SIGINT during that teardown held
+        # the worker past 30 s in full-suite runs).
+        assert worker.wait_children(timeout=60), f"the flow run's process outlived it by 60 s:\n{worker.tail()}"
+        timings["reaped"] = time.monotonic() - t0
     finally:
         reports = server.stop(timeout=30)
         timings["stopped"] = time.monotonic() - t0
