@@ -1,7 +1,7 @@
 """A real, throwaway Prefect server (SQLite, 127.0.0.1) plus CLI and worker processes, for tests.
 
-Every process is started in its own session (process group) and stopped like Ctrl-C would: SIGINT to
-the group, wait, then SIGKILL if it hangs. Descendants are recorded before stopping so that the
+Every process is started in its own session (process group) and stopped like a supervisor would: SIGINT
+to the process (it passes it on), wait, then SIGKILL the group if it hangs. Descendants are recorded before stopping so that the
 caller can check none outlived their parent (flow-run processes start their own sessions, so a
 process-group kill alone would not reach them).
 """
@@ -62,6 +62,12 @@ class RetryingClient(httpx.Client):
         return response
 
 
+def _default_sigint() -> None:
+    # A test run started in the background (`make test &`) has SIGINT ignored, and an ignored
+    # signal stays ignored across exec: the server and worker would never see the Ctrl-C below.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 class Proc:
     """A background process in its own process group, output to a log file."""
 
@@ -69,7 +75,7 @@ class Proc:
         self.name, self.log = name, log
         self._fh = open(log, "wb")
         self.popen = subprocess.Popen(args, env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=self._fh,
-                                      stderr=subprocess.STDOUT, start_new_session=True)
+                                      stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_default_sigint)
         self.pid = self.popen.pid
 
     def alive(self) -> bool:
@@ -92,7 +98,7 @@ class Proc:
         return _tail(self.log, n)
 
     def stop(self, timeout: float = 30.0) -> dict:
-        """SIGINT to the group, wait ``timeout``; SIGKILL what is left. Returns how it went."""
+        """SIGINT to the process, wait ``timeout``; SIGKILL what is left. Returns how it went."""
         report = {"name": self.name, "clean": True, "returncode": None, "leftover": []}
         try:
             descendants = psutil.Process(self.pid).children(recursive=True)
@@ -100,7 +106,10 @@ class Proc:
             descendants = []
         if self.alive():
             try:
-                os.killpg(self.pid, signal.SIGINT)
+                # to the process, as a supervisor stops a service; it passes the signal on to its
+                # children (the `prefect worker` CLI to its worker process). A SIGINT to the whole
+                # group as well reached that child twice at once, which could hang its shutdown.
+                os.kill(self.pid, signal.SIGINT)
             except ProcessLookupError:
                 pass
             try:
