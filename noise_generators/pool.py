@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -43,24 +42,3 @@ def single_threaded_pool(workers: int) -> ThreadPoolExecutor:
             torch.set_num_threads(before)
             _pools[workers] = pool
         return pool
-
-
-def made_on_one_thread(items: Iterable) -> Iterator:
-    """``items``, each made by ``next`` on a pool thread running torch on one thread: work made
-    beside a forward pass on a CPU then takes one core's share, not a team of its own that
-    oversubscribes the forward's."""
-    it = iter(items)
-    pool = single_threaded_pool(1)
-    try:
-        while True:
-            item = pool.submit(next, it, _END).result()
-            if item is _END:
-                return
-            yield item
-    finally:
-        close = getattr(it, "close", None)
-        if close is not None:
-            pool.submit(close).result()  # where it ran: a generator's cleanup uses its thread's torch settings
-
-
-_END = object()

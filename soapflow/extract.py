@@ -2,9 +2,9 @@
 
 The unit of work is one store chunk: decode or generate → forward → write the chunk whole → flag
 it complete. One scheduler thread per device runs the forwards of every extraction in this process
-(real ∥ synthetic in a refit), taking their ready chunks in turn (``soapflow.scheduler``). The
-chunks are made ahead in threads of their own (on a GPU nvJPEG beside Pillow in decode processes,
-and noise on the GPU; on a CPU with torch on one thread, in the forward's gaps), copies in and out overlap the forward on streams of their own
+(real ∥ synthetic in a refit), taking their ready chunks in turn (``soapflow.scheduler``); on a GPU
+the chunks are made ahead in threads of their own (nvJPEG beside Pillow in decode processes, noise
+on the GPU), copies in and out overlap the forward on streams of their own
 (``soapflow.device_io``), and a pool of threads writes several chunks at once, so the forward
 waits on neither side. A rerun skips flagged chunks; since every image is a pure function of the
 source, its index and the settings, a resumed store is identical to an uninterrupted one.
@@ -178,10 +178,10 @@ def extract_chunks(store: FeatureStore, backbone, source, chunks: list[int] | No
 
     The forward passes run on the device's scheduler thread (``soapflow.scheduler``), which takes
     this extraction's chunks in turn with those of any other extraction on the device.
-    ``read_ahead`` (default: on) makes the chunks in a thread of their own, ahead of the forward:
-    on a GPU nvJPEG decoding and noise generation would otherwise wait for the forward, and the
-    forward for them; on a CPU they are made with torch on one thread, in the gaps the forward's
-    own threads leave. Off, they are made on the device thread in their turn. ``writers`` threads (default ``DEFAULT_WRITERS``) write the
+    ``read_ahead`` (default: on a GPU) makes the chunks in a thread of their own, ahead of the
+    forward: there nvJPEG decoding and noise generation would otherwise wait for the forward, and
+    the forward for them. On a CPU they are made on the device thread, in their turn, where they
+    take no cores from a forward. ``writers`` threads (default ``DEFAULT_WRITERS``) write the
     chunks, several at a time, off the forward's path; a chunk is flagged complete only once
     written. ``cpu_decode_share``: see ``default_cpu_decode_share``.
 
@@ -202,7 +202,6 @@ def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_worke
     from tqdm.auto import tqdm
 
     from soapflow.device_io import device_io
-    from soapflow.noise_generators.pool import made_on_one_thread
     from soapflow.scheduler import Job, device_scheduler
 
     with contextlib.ExitStack() as held:
@@ -224,12 +223,10 @@ def _fill(stores: dict, backbone, source, chunks: list[int] | None, *, num_worke
         layers = None if None in stores else sorted(stores)
         ranges = [first.chunk_range(c) for c in todo]
         if read_ahead is None:
-            read_ahead = True
+            read_ahead = not str(device).startswith("cpu")
         io = device_io(device)
         loader = io.on_producer_stream(_loader(source, ranges, backbone, workers, device, share),
                                        io.producer_stream())
-        if read_ahead and str(device).startswith("cpu"):
-            loader = made_on_one_thread(loader)  # beside the forward: one core's share, not a second team
         writers = max(1, int(writers or DEFAULT_WRITERS))
         rings = {key: io.ring(writers + 2, (store.chunk, *store.tokens.shape[1:]), dtype)
                  for key, store in stores.items()}

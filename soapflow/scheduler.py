@@ -3,9 +3,10 @@ chunks from all the extractions of this process in turn.
 
 An extraction is a ``Job``: an iterator of ``(position, images)`` chunks, a ``forward`` run on the
 device thread, and ``done`` called there with its result (which hands it to the job's writers, so
-it must not block). A job whose chunks are made ahead (``prefetch``, extraction's default) has a
-thread of its own filling a short queue; a job without prefetch has its next chunk made on the
-device thread, when its turn comes. Turns go round robin over the jobs that have a chunk ready and room to write it, so one
+it must not block). A job whose chunks are made ahead (``prefetch``, the GPU default) has a thread
+of its own filling a short queue; a job without prefetch has its next chunk made on the device
+thread, when its turn comes (on a CPU that keeps decoding and noise from fighting a forward for the
+cores). Turns go round robin over the jobs that have a chunk ready and room to write it, so one
 store's slow input never holds the other's chunks back, and neither store starves the other.
 
 Each job's seconds are split as ``ExtractStats`` reports them: its forwards, waiting for its own

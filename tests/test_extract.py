@@ -89,8 +89,7 @@ def test_extract_stats_say_where_the_time_went(tmp_path, bb, monkeypatch):
 
     monkeypatch.setattr(ex, "_loader", slow_loader)
     monkeypatch.setattr(store, "write_chunk", lambda i, t, **kw: (time.sleep(0.3), write(i, t, **kw)))  # a slow disk
-    # one writer: the disk is the limit; no read-ahead: the input is not hidden behind the disk
-    stats = extract_chunks(store, bb, src, progress=False, writers=1, read_ahead=False)
+    stats = extract_chunks(store, bb, src, progress=False, writers=1)  # one writer: the disk is the limit
     assert stats.chunks == 6 and store.pending_chunks() == []
     assert stats.input_seconds >= 0.6 and stats.write_wait_seconds >= 0.5  # 6 × 0.3 s behind 0.6 s of input
     assert stats.forward_seconds + stats.input_seconds + stats.write_wait_seconds <= stats.seconds
@@ -139,25 +138,20 @@ def test_decode_processes_give_the_same_store(tmp_path, monkeypatch):
 
 
 def test_read_ahead_makes_the_next_chunk_during_the_forward_and_gives_the_same_store(tmp_path, bb, monkeypatch):
-    # read-ahead (the default): while chunk k's forward runs, the loader is already making chunk
-    # k+1 in its own thread. Each forward waits for that to start; serially (read_ahead=False) it
-    # never would, and the test would fail on the timeout. On a CPU the chunks are made with torch
-    # on one thread, beside the forward's team, and the images (so the store) are the same.
+    # read-ahead (the default on a GPU), forced on here: while chunk k's forward runs, the loader is
+    # already making chunk k+1 in its own thread. Each forward waits for that to start; serially
+    # (read_ahead=False) it never would, and the test would fail on the timeout.
     import threading
-
-    import torch
 
     import soapflow.extract as ex
 
     started = {}
     loader, tokens = ex._loader, bb.tokens
-    making_threads, forward_threads = set(), set()
 
     def watched_loader(*args):
         it = loader(*args)
         for k in range(len(args[1])):
             started.setdefault(k, threading.Event()).set()
-            making_threads.add(torch.get_num_threads())
             yield next(it)
 
     forwards = []
@@ -165,7 +159,6 @@ def test_read_ahead_makes_the_next_chunk_during_the_forward_and_gives_the_same_s
     def forward(x):
         k = len(forwards)
         forwards.append(threading.current_thread().name)
-        forward_threads.add(torch.get_num_threads())
         if k + 1 < 3:  # 3 chunks
             assert started.setdefault(k + 1, threading.Event()).wait(10), f"chunk {k + 1} not begun during forward {k}"
         return tokens(x)
@@ -179,12 +172,11 @@ def test_read_ahead_makes_the_next_chunk_during_the_forward_and_gives_the_same_s
         monkeypatch.setattr(ex, "_loader", watched_loader)
         monkeypatch.setattr(bb, "tokens", forward)
         ahead = open_store_for(str(tmp_path / f"ahead-{spec}"), bb, src, chunk=4)
-        stats = extract_chunks(ahead, bb, src, progress=False)
+        stats = extract_chunks(ahead, bb, src, progress=False, read_ahead=True)
         monkeypatch.undo()
         assert stats.chunks == 3 and ahead.pending_chunks() == [] and len(forwards) == 3
         assert not any(name.startswith("read-ahead") for name in forwards)  # forwards stay in this thread
         np.testing.assert_array_equal(ahead.tokens[:], plain.tokens[:])
-    assert making_threads == {1} and forward_threads == {torch.get_num_threads()}
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])

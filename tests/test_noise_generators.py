@@ -386,34 +386,3 @@ def test_cpu_pool_works_in_a_forked_child():
 def _generate_two_threads(count, size, seed):
     torch.set_num_threads(2)
     return generate("mixture", count, size, seed=seed)
-
-
-def test_made_on_one_thread_yields_each_item_made_single_threaded_and_closes_the_source():
-    import threading
-
-    from soapflow.noise_generators.pool import made_on_one_thread
-
-    seen, closed = [], threading.Event()
-
-    def items():
-        try:
-            for k in range(5):
-                seen.append((threading.current_thread().name, torch.get_num_threads()))
-                if k == 3:
-                    raise ValueError("chunk 3 cannot be decoded")
-                yield k
-        finally:
-            closed.set()
-
-    before = torch.get_num_threads()
-    it = made_on_one_thread(items())
-    assert [next(it), next(it)] == [0, 1]
-    it.close()  # the consumer stops early: the source is closed, not left suspended
-    assert closed.is_set() and len(seen) == 2
-    assert all(name.startswith("soapflow-cpu") and n == 1 for name, n in seen)
-    assert torch.get_num_threads() == before  # the caller's own setting is untouched
-
-    closed.clear()
-    with pytest.raises(ValueError, match="chunk 3"):  # an error making an item reaches the consumer
-        list(made_on_one_thread(items()))
-    assert closed.is_set()
