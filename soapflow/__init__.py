@@ -14,7 +14,8 @@ except PackageNotFoundError:  # running from a checkout without install
 # package; installed, setuptools maps them into it (pyproject's package-dir). Either way they
 # import as soapflow.flows, soapflow.tasks, …
 _checkout = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if not os.path.isdir(os.path.join(__path__[0], "storage")) and os.path.isfile(os.path.join(_checkout, "storage", "__init__.py")):
+_installed = os.path.isdir(os.path.join(__path__[0], "storage"))
+if not _installed and os.path.isfile(os.path.join(_checkout, "storage", "__init__.py")):
     __path__.append(_checkout)
 
 __all__ = ["SOAPHead", "SoapError", "__version__", "attach", "load_head"]

@@ -1,6 +1,7 @@
 """Planted-artifact benchmark (issue 15 §2): planting, recovery measures, the sweep through real
 zarr stores and a real LocalCluster fit, and `soap eval planted` end to end on a tiny ViT."""
 
+import hashlib
 import json
 import os
 
@@ -12,6 +13,7 @@ from typer.testing import CliRunner
 from soapflow.config import EvalSettings
 from soapflow.errors import SoapError
 from soapflow.evaluation import planted as PL
+from soapflow.storage.artifact import read_artifact
 from soapflow.storage.feature_store import FeatureStore
 from storehelp import write_store
 
@@ -165,7 +167,7 @@ def test_natural_pattern_components_and_the_artifact_actually_present(tmp_path):
     assert direction["angle_u_to_effective_deg"] == pytest.approx(expected, rel=1e-6) and expected > 12
     # the suppressed component is the artifact present, c·u + g; against u alone it is off by that tilt
     assert run["effective_max_angle_deg"] < 4 and run["max_angle_deg"] > 10 and not run["recovered"]
-    assert run["n_suppressed"] == 1
+    assert run["n_suppressed"] == 1 and out["clean"]["n_avoided"] is None  # plain: no direction avoided
 
     # planted where the clean tokens are quiet (another pattern, a direction ⟂ their top
     # components) the artifact present is c·u itself, and the fit suppresses it
@@ -175,6 +177,15 @@ def test_natural_pattern_components_and_the_artifact_actually_present(tmp_path):
     assert run["plant"]["frequencies"] != [[0, 1]] and run["directions"][0]["natural_ratio"] < 0.05
     assert run["recovered"] and run["max_angle_deg"] < 4
     assert run["n_suppressed"] == 2 and run["n_suppressed_not_planted"] == 1  # and the natural b·a_0·w, apart
+    # the report counts the clean components the planted direction was kept orthogonal to
+    clean = read_artifact(out["clean"]["artifact"]).tensors
+    big = np.asarray(clean["eigenvalues"]) >= PL.QUIET_EIGENVALUE * float(clean["eigenvalues"][0])
+    assert out["clean"]["n_avoided"] == int(big.sum()) and 0 < out["clean"]["n_avoided"] < d
+    avoided = np.asarray(clean["components"], np.float64)[big]
+    u_quiet = PL.planted_directions(d, 1, seed=7, avoid=avoided)
+    digest = hashlib.sha256(np.ascontiguousarray(u_quiet, dtype=np.float64).tobytes()).hexdigest()
+    assert run["plant"]["directions_sha256"] == digest  # the direction planted is this one, ⟂ those
+    np.testing.assert_allclose(avoided @ u_quiet[0], 0, atol=1e-9)
 
 
 def test_token_view_plants_then_applies_the_head():

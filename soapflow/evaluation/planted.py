@@ -434,6 +434,8 @@ def fit_sweep(real_uri: str, synth_uri: str, planting: Planting, work_dir: str, 
             "mu": clean_manifest["mu"],
             "n_suppressed": clean_manifest["n_suppressed"],
             "top_si": _top_scores(clean_t),
+            # how many natural components the planted directions are kept orthogonal to (quiet only)
+            "n_avoided": None if avoid is None else len(avoid),
         }
         for k, amp in tqdm(configs, desc="planted fits", unit="fit", disable=not progress, leave=False):
             t0 = time.perf_counter()
@@ -780,11 +782,13 @@ def _pct(x):
     return "—" if x is None else f"{100 * x:.2f}"
 
 
-def _where_planted(config: dict) -> str:
+def _where_planted(config: dict, clean: dict | None = None) -> str:
     if config.get("plant") == "quiet":
+        avoided = (clean or {}).get("n_avoided")
+        count = "" if avoided is None else f" ({avoided} of them)"
         return (" Planted where the clean tokens are quiet (`--plant quiet`): the cosines their per-position mean "
                 "varies least along, and directions orthogonal to their principal components with eigenvalue ≥ "
-                f"{config.get('quiet_eigenvalue', QUIET_EIGENVALUE):g}·λ_max, so u_j is the ground truth.")
+                f"{config.get('quiet_eigenvalue', QUIET_EIGENVALUE):g}·λ_max{count}, so u_j is the ground truth.")
     if config.get("plant") == "plain":
         return " Planted at the lowest frequencies along random directions (`--plant plain`)."
     return ""
@@ -809,7 +813,7 @@ def markdown_table(report: dict) -> str:
     lines.append("Angles are principal angles between the suppressed subspace (weight > 0.5 · score) and "
                  "span(u_j); recovered = largest ≤ " f"{MAX_ANGLE_DEG:g}°. c·u + g: the positional artifact "
                  "actually present with each planted pattern a_j — the planted c_j·u_j plus g_j, the clean "
-                 "tokens' own per-position mean along a_j." + _where_planted(report["config"]))
+                 "tokens' own per-position mean along a_j." + _where_planted(report["config"], report.get("clean")))
     lines.append("")
     lines.append(f"Clean fit: λ_max = {clean['lambda_max']:.4g}, μ = {clean['mu']:g}, "
                  f"{clean['n_suppressed']} components suppressed, top SI "
