@@ -147,23 +147,57 @@ def recheck_signs(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np
 
 
 def exact_signs(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.ndarray:
-    """``(z_i − m)·v_i > 0`` in exact rational arithmetic, for paired rows (the rare ties of float64).
+    """``(z_i − m)·v_i > 0`` exactly, for paired rows (the rare ties of float64).
 
-    A token equal to the mean (z − m = 0 in float64 only when exactly so) is 0: not active.
+    Each ``(z − m)·v`` is rewritten without error as a sum of float64 terms (TwoSum splits ``z − m``
+    into two floats, Dekker's TwoProduct each product into two) whose sign ``math.fsum`` gets
+    right: it rounds correctly, and a nonzero sum of floats is at least the smallest subnormal.
+    Rows where a product could underflow (no longer error-free) are summed as fractions. A token
+    equal to the mean is 0: not active.
     """
+    import math
+
+    z = np.asarray(z, np.float64)
+    v = np.broadcast_to(np.asarray(components, np.float64), z.shape)
+    b = -np.asarray(mean, np.float64)
+    s = z + b
+    t = (z - (s - (s - z))) + (b - (s - z))  # s + t = z − m exactly
+    terms, safe = [], np.ones(len(z), dtype=bool)
+    for x in (s, t):
+        p, e = _two_product(x, v)
+        fine = (x == 0) | (v == 0) | ((np.abs(p) >= _NO_UNDERFLOW) & (np.abs(x) < _NO_OVERFLOW) & (np.abs(v) < _NO_OVERFLOW))
+        safe &= fine.all(axis=1)
+        terms += [p, e]
+    rows = np.concatenate(terms, axis=1).tolist()
+    signs = np.array([math.fsum(row) > 0 for row in rows], dtype=bool).reshape(len(z))
+    for i in np.nonzero(~safe)[0]:
+        signs[i] = _fraction_sum(z[i], mean, v[i]) > 0
+    return signs
+
+
+# Dekker's TwoProduct is error-free while no product underflows and the splits do not overflow.
+_NO_UNDERFLOW, _NO_OVERFLOW = 2.0**-900, 2.0**990
+
+
+def _two_product(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``p, e`` with ``p + e = x·y`` exactly (Dekker, with Veltkamp's split)."""
+    p = x * y
+    (xh, xl), (yh, yl) = _split(x), _split(y)
+    return p, ((xh * yh - p) + xh * yl + xl * yh) + xl * yl
+
+
+def _split(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    c = 134217729.0 * x  # 2**27 + 1: high and low halves of 26 bits each
+    high = c - (c - x)
+    return high, x - high
+
+
+def _fraction_sum(z: np.ndarray, mean: np.ndarray, v: np.ndarray):
+    """``(z − m)·v`` in exact rational arithmetic."""
     from fractions import Fraction
 
-    signs = np.zeros(len(z), dtype=bool)
-    if not len(z):
-        return signs
-    a = np.subtract(z, mean, dtype=np.float64)
-    m = [Fraction(x) for x in np.asarray(mean, np.float64).tolist()]
-    for i in np.nonzero(np.any(a != 0, axis=1))[0]:
-        zi = np.asarray(z[i], np.float64).tolist()
-        vi = np.asarray(components[i], np.float64).tolist()
-        total = sum((Fraction(x) - mx) * Fraction(v) for x, mx, v in zip(zi, m, vi) if v)
-        signs[i] = total > 0
-    return signs
+    m = np.asarray(mean, np.float64).tolist()
+    return sum((Fraction(x) - Fraction(mx)) * Fraction(c) for x, mx, c in zip(z.tolist(), m, v.tolist()) if c)
 
 
 def response_map(counts: np.ndarray, n_images: int) -> np.ndarray:

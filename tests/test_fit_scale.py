@@ -156,6 +156,45 @@ def test_exact_tier_decides_what_float64_cannot():
     assert method.recheck_signs(z, mean, v[0]).tolist() == [False, True, False]  # one component for all rows
 
 
+
+def _rational_sign(z, mean, v) -> int:
+    total = sum((Fraction(float(x)) - Fraction(float(m))) * Fraction(float(c)) for x, m, c in zip(z, mean, v))
+    return (total > 0) - (total < 0)
+
+
+def test_exact_signs_agree_with_rational_arithmetic_on_ties_cancellations_and_underflow():
+    """The error-free float path (TwoSum, TwoProduct, fsum) and its fraction fallback against
+    rational arithmetic, on rows built to be undecidable in float64."""
+    rng = np.random.default_rng(3)
+    d = 24
+    mean = rng.normal(size=d) * 10
+    rows, comps = [], []
+    for k in range(300):
+        v = rng.normal(size=d)
+        v /= np.linalg.norm(v)
+        w = rng.normal(size=d) * 10.0 ** rng.integers(-6, 4)
+        z = mean + w - (w @ v) * v  # on the hyperplane through the mean, up to rounding
+        kind = k % 6
+        if kind == 1:
+            z = z.astype(np.float32).astype(np.float64)  # a float32 token
+        elif kind == 2:
+            z = mean.copy()  # equal to the mean: 0, not active
+            z[k % d] = np.nextafter(z[k % d], np.inf)
+        elif kind == 3:
+            v[rng.integers(d)] = 1e-300  # products that underflow: the fraction fallback
+            z[rng.integers(d)] += 1e-30
+        elif kind == 4:
+            z = mean.copy()
+        elif kind == 5:
+            z = z + rng.normal(size=d) * 1e-13  # off the plane by a few ulps, either side
+        rows.append(z)
+        comps.append(v)
+    z, v = np.array(rows), np.array(comps)
+    expected = [_rational_sign(zi, mean, vi) > 0 for zi, vi in zip(z, v)]
+    assert method.exact_signs(z, mean, v).tolist() == expected
+    assert 30 < sum(expected) < 270  # both signs occur: the rows are near ties, not one-sided
+    assert method.exact_signs(z[:0], mean, v[:0]).shape == (0,)
+
 # --- whole fits: torch leaves (the CUDA code) against NumPy leaves -----------------------------
 
 
