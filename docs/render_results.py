@@ -63,20 +63,6 @@ def reports(data: dict, block: int) -> list[dict]:
 # ------------------------------------------------------------------------------------ labels
 
 
-def eval_label(rep: dict) -> str:
-    ev, cfg = rep["evaluation"], rep.get("config", {})
-    if ev == "salient":
-        tau, stau = cfg.get("tau"), cfg.get("soap_tau")
-        t = f"τ={tau:g}" if stau in (None, tau) else f"τ raw {tau:g} / SOAP {stau:g}"
-        fg = cfg.get("foreground", "seed")
-        return f"TokenCut {t}" + ("" if fg == "seed" else f", {fg} foreground")
-    if ev == "knn-seg":
-        return f"patch kNN seg (k={cfg.get('k')}, {cfg.get('n_classes', '?')} classes)"
-    if ev == "knn-cls":
-        return f"kNN classification (k={cfg.get('k')})"
-    return ev
-
-
 def pct(v: float) -> str:
     return f"{SCALE * v:.2f}"
 
@@ -112,6 +98,8 @@ def si_table(data: dict) -> str:
 
 
 def results_table(data: dict) -> str:
+    from soapflow.evaluation.report import evaluation_label
+
     lines = [
         "| block | evaluation | metric | raw | SOAP | Δ SOAP − raw [95% CI] | improved / worsened |",
         "|---:|---|---|---:|---:|---|---:|",
@@ -120,7 +108,7 @@ def results_table(data: dict) -> str:
         for rep in reports(data, b):
             for metric, m in rep["metrics"].items():
                 d = m["delta"]
-                lines.append(f"| {b} | {eval_label(rep)} | {metric} | {pct(m['raw']['value'])} | "
+                lines.append(f"| {b} | {evaluation_label(rep, long=True)} | {metric} | {pct(m['raw']['value'])} | "
                              f"{pct(m['soap']['value'])} | {delta_text(d)} | {d.get('improved')} / {d.get('worsened')} |")
     return "\n".join(lines)
 
@@ -319,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--notes", default=os.path.join(HERE, "results_notes.md"),
                     help="hand-written discussion (no numbers: those are in the tables) placed after the tables")
     args = ap.parse_args(argv)
-    sys.path.insert(0, ROOT)  # soapflow.evaluation.planted, when the planted table is rendered
+    sys.path.insert(0, ROOT)  # soapflow: the evaluation labels, and the planted table when rendered
     data = load(args.data)
     commands = open(args.commands).read() if os.path.isfile(args.commands) else ""
     commands = "\n".join(l for l in commands.splitlines() if not l.startswith("#!"))

@@ -37,6 +37,7 @@ __all__ = [
     "table_rows",
     "resolved_head",
     "head_label",
+    "evaluation_label",
     "delta_text",
     "markdown_table",
     "print_report",
@@ -105,18 +106,25 @@ def write_json(path: str | os.PathLike, report) -> str:
     return path
 
 
-def _label(report: dict) -> str:
+def evaluation_label(report: dict, long: bool = False) -> str:
+    """What was evaluated, with its settings: compact for tables and plot titles (``salient τ=0.2``),
+    or ``long`` for the docs (``TokenCut τ=0.2``)."""
     ev = report.get("evaluation", "?")
     cfg = report.get("config", {})
+    k = cfg.get("k")
     if ev == "salient":
         tau, stau = cfg.get("tau"), cfg.get("soap_tau")
-        t = f"τ={tau:g}" if stau in (None, tau) else f"τ raw={tau:g}/SOAP={stau:g}"
+        if stau in (None, tau):
+            t = f"τ={tau:g}"
+        else:
+            t = f"τ raw {tau:g} / SOAP {stau:g}" if long else f"τ raw={tau:g}/SOAP={stau:g}"
         fg = cfg.get("foreground", "seed")
-        return f"salient {t}" + ("" if fg == "seed" else f" fg={fg}")
+        where = "" if fg == "seed" else (f", {fg} foreground" if long else f" fg={fg}")
+        return ("TokenCut " if long else "salient ") + t + where
     if ev == "knn-seg":
-        return f"knn-seg k={cfg.get('k')}"
+        return f"patch kNN seg (k={k}, {cfg.get('n_classes', '?')} classes)" if long else f"knn-seg k={k}"
     if ev == "knn-cls":
-        return f"knn-cls k={cfg.get('k')}"
+        return f"kNN classification (k={k})" if long else f"knn-cls k={k}"
     return ev
 
 
@@ -154,7 +162,7 @@ def table_rows(report: dict, scale: float = 100.0) -> list[dict]:
             {
                 "head": resolved_head(report),
                 "layer": head.get("layer"),
-                "evaluation": _label(report),
+                "evaluation": evaluation_label(report),
                 "metric": name,
                 "n": delta.get("n"),
                 "raw": round(raw["value"] * scale, 2),
@@ -204,7 +212,7 @@ def print_report(report: dict, console=None) -> None:
 
     console = console or Console()
     head = report.get("head", {})
-    title = f"{_label(report)} — {report.get('dataset', {}).get('spec')} (n={report.get('n_images')}), " \
+    title = f"{evaluation_label(report)} — {report.get('dataset', {}).get('spec')} (n={report.get('n_images')}), " \
             f"{head.get('backbone')} layer {head.get('layer')}, head {head_label(report)}"
     table = Table(title=title)
     table.add_column("metric")
