@@ -71,13 +71,24 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
     artifact. Pass ``workers``/``processes`` for a wider local cluster (one task thread per
     worker process), or ``address`` to use a running one.
     """
-    from distributed import Client, LocalCluster
+    from distributed import Client, LocalCluster, rejoin, secede
 
     logging.getLogger("distributed").setLevel(logging.WARNING)  # Prefect's log config shows INFO
 
     if address:
-        with Client(address) as client:
-            yield client
+        # A task on a dask worker (the refit flow's fit under DaskTaskRunner) that waits on tasks it
+        # submits leaves the worker's thread pool meanwhile, as dask's worker_client does: the
+        # worker may run those very tasks, which on a cluster of one-thread workers would
+        # otherwise wait forever for the thread this one holds.
+        on_worker = _on_worker_thread()
+        if on_worker:
+            secede()
+        try:
+            with Client(address) as client:
+                yield client
+        finally:
+            if on_worker:
+                rejoin()
         return
     from threadpoolctl import threadpool_limits
 
@@ -94,3 +105,14 @@ def dask_client(address: str | None = None, workers: int = 1, processes: bool = 
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
         yield client
+
+
+def _on_worker_thread() -> bool:
+    """Whether this code runs as a task in a dask worker's thread pool."""
+    from distributed import get_worker
+
+    try:
+        get_worker()
+    except ValueError:
+        return False
+    return True

@@ -296,3 +296,23 @@ def test_fit_memory_is_bounded_by_blocks_not_by_n(tmp_path):
     large = _peak_rss_of_fit(tmp_path / "large", tmp_path / "small", tmp_path / "a2")
     float64_growth = (3200 - 400) * h * w * d * 8
     assert large - small < 0.15 * float64_growth, (small / 2**20, large / 2**20)
+
+
+def _fit_on(address, real_uri, synth_uri, out_dir):
+    path, fit, _ = fit_to_artifact(real_uri, synth_uri, out_dir, cluster=address, plots=False, progress=False)
+    return float(fit.scores.sum())
+
+
+def test_a_fit_run_as_a_task_on_its_own_cluster_of_one_thread_finishes(stores, tmp_path):
+    """The refit flow under DaskTaskRunner runs the fit as a task on the cluster it submits its
+    leaves to; with one-thread workers the leaves need the very thread the fit holds."""
+    from distributed import Client, LocalCluster
+
+    root, real, synth = stores
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as c:
+        future = c.submit(_fit_on, cluster.scheduler_address, str(root / "real"), str(root / "synth"),
+                          str(tmp_path / "art"), pure=False)
+        total = future.result(timeout=120)  # without leaving the worker's pool it waits forever
+    ref = reference_soap(real, synth)
+    assert total == pytest.approx(ref["scores"].sum(), rel=1e-9)
