@@ -1,22 +1,23 @@
-"""`Backbone.tokens` on the main thread vs on a second thread (where the device scheduler runs it),
-each bare and through extraction's `DeviceIO.forward` (the copy into a float16 host ring and the
-finite check).
+"""A CPU forward on a thread that holds the process's only OpenMP team, vs the same forward while
+another live thread keeps a team of its own (what the device thread met in a refit while the model
+had been loaded on the main thread; see soapflow/threads.py).
 
     .venv/bin/python benchmarks/forward_thread.py [--backbone dinov2_vits14] [--batch 64] [--rounds 3]
 
-Each round runs one batch four ways in turn (main, thread, main + DeviceIO, thread + DeviceIO) on
-the same resident batch, so the box's drift, which moves a whole run by ±10 % on 2 cores, falls on
-all four alike. Prints each way's img/s and minor page faults and its time ÷ the main thread's. A
-reproducer for the CPU refit's forwards running slower than benchmarks/refit.py's pure forward
-(issue 16): if the thread or DeviceIO were the cause, their ratio would show it here.
+Each round runs one batch both ways in turn, each on a new thread (as the device scheduler's), so
+the box's drift, which moves a whole run by ±10 % on 2 cores, falls on both alike. For the second
+way a holder thread first runs one multi-threaded op, which gives it a team, and waits until the
+forward is done. Prints each way's img/s, CPU use (process CPU time ÷ wall time: at most the
+number of torch threads) and voluntary context switches per batch (the workers' sleeps), and the
+second way's time ÷ the first's.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import queue
 import resource
+import statistics
 import sys
 import threading
 import time
@@ -24,63 +25,74 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+def timed(call) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds of the whole process, voluntary context switches."""
+    before = resource.getrusage(resource.RUSAGE_SELF)
+    t = time.perf_counter()
+    call()
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    return wall, cpu, after.ru_nvcsw - before.ru_nvcsw
+
+
 def main() -> None:
     import torch
 
     from soapflow.backbones import load_backbone
-    from soapflow.device_io import device_io
+    from soapflow.threads import on_passing_thread
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--backbone", default="dinov2_vits14")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
     a = ap.parse_args()
+    if torch.get_num_threads() < 2:
+        sys.exit("torch runs one thread here: there are no OpenMP teams to compare")
     bb = load_backbone(a.backbone, layer=-1)
-    x = torch.randn(a.batch, 3, bb.image_size, bb.image_size)
-    io = device_io("cpu")
-    ring = io.ring(2, (a.batch, *bb.grid, bb.dim), torch.float16)
+    # made on a passing thread too: the main thread must hold no team of its own
+    x = on_passing_thread(lambda: torch.randn(a.batch, 3, bb.image_size, bb.image_size))
 
-    def through_io() -> None:
-        io.forward(bb, x, None, ring).release()
+    def forward() -> None:
+        bb.tokens(x)
 
-    calls, results = queue.Queue(), queue.Queue()
+    def beside_a_team() -> tuple[float, float, int]:
+        has_team, done = threading.Event(), threading.Event()
 
-    def worker() -> None:  # one long-lived thread, as the device scheduler's
-        while (call := calls.get()) is not None:
-            results.put(timed(call))
+        def hold() -> None:
+            torch.ones(1 << 22).add_(1)  # multi-threaded: this thread now has a team, until it exits
+            has_team.set()
+            done.wait()
 
-    def timed(call) -> tuple[float, int]:  # one way runs at a time: the process's faults are its own
-        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t = time.perf_counter()
-        call()
-        return time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        has_team.wait()
+        try:
+            return on_passing_thread(timed, forward)
+        finally:
+            done.set()
+            holder.join()
 
-    thread = threading.Thread(target=worker, daemon=True)
-    thread.start()
-    ways = {"main": (False, lambda: bb.tokens(x)), "thread": (True, lambda: bb.tokens(x)),
-            "main+io": (False, through_io), "thread+io": (True, through_io)}
-    for on_thread, call in ways.values():  # warm each thread's pools
-        calls.put(call) if on_thread else call()
-        if on_thread:
-            results.get()
-    seconds = dict.fromkeys(ways, 0.0)
-    faults = dict.fromkeys(ways, 0)
+    ways = {"alone": lambda: on_passing_thread(timed, forward), "beside a team": beside_a_team}
+    on_passing_thread(forward)  # warm-up
+    totals = {name: [0.0, 0.0, 0] for name in ways}
+    ratios = []
     for r in range(a.rounds):
-        for name, (on_thread, call) in ways.items():
-            if on_thread:
-                calls.put(call)
-                s, f = results.get()
-            else:
-                s, f = timed(call)
-            seconds[name] += s
-            faults[name] += f
-        print(f"round {r + 1}: " + " · ".join(f"{n} {seconds[n] / seconds['main']:.3f}×" for n in ways), flush=True)
-    calls.put(None)
+        walls = {}
+        for name, way in ways.items():
+            walls[name], *_ = measured = way()
+            for k, v in enumerate(measured):
+                totals[name][k] += v
+        ratios.append(walls["beside a team"] / walls["alone"])
+        print(f"round {r + 1}: beside a team {ratios[-1]:.3f}× the time alone", flush=True)
     images = a.rounds * a.batch
     print(f"{a.backbone} batch {a.batch}, {torch.get_num_threads()} torch threads, {a.rounds} rounds interleaved:")
-    for name in ways:
-        print(f"  {name:10s} {images / seconds[name]:7.2f} img/s  {seconds[name] / seconds['main']:.3f}× the main "
-              f"thread's time  minor faults {faults[name] // a.rounds} per batch")
+    for name, (wall, cpu, switches) in totals.items():
+        print(f"  {name:14s} {images / wall:7.2f} img/s  CPU use {cpu / wall:4.2f}  "
+              f"{switches // a.rounds:6d} voluntary switches per batch  "
+              f"{wall / totals['alone'][0]:.3f}× the time alone")
+    print(f"  per round: median {statistics.median(ratios):.3f}×, {sum(r > 1 for r in ratios)} of {len(ratios)} "
+          "rounds slower beside a team")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/refit.py [--backbone dinov2_vits14] [--data fashion-mnist:train]
                                          [--n 1500] [--image-size 224] [--chunk 64] [--server-run]
-                                         [--extraction] [--jpegs] [--device cuda]
+                                         [--extraction] [--jpegs] [--device cuda] [--against TREE]
 
 Pure forward: the same real + synthetic images, already decoded/generated and resident in
 memory, through `Backbone.tokens` in chunk-sized batches — nothing else (on a GPU the tokens stay
@@ -12,6 +12,8 @@ model load, decoding, noise generation, store writes, the fit, the artifact and 
 one-off (a temporary Prefect server boots beside the model load) and, with --server-run, also
 against a running `prefect server` (what deployments and scheduled refits use). Each refit is
 compared with the mean of the pure-forward runs just before and after it. Goal ≤ 1.10× (CPU here).
+--against TREE also times another checkout's refit (``git worktree add /tmp/old <commit>``), in
+the order A B | B A with pure forwards before, between and after, for a same-run comparison.
 
 A refit of one chunk per store splits the overhead into a fixed part (imports, server, model
 load, fit, exit: ~8 s on 2 CPU cores, so the ratio only means something at a few thousand
@@ -71,7 +73,15 @@ def key(args) -> tuple:
 
 def pure_forward(args, n: int, to_host: bool = False) -> tuple[float, int]:
     """The forward pass alone; on a GPU the tokens stay there unless ``to_host`` (float32,
-    pageable memory: what a plain ``.cpu()`` does)."""
+    pageable memory: what a plain ``.cpu()`` does). On a thread that exits after, as the
+    extraction's device thread runs it: the main thread keeps no OpenMP team that would make the
+    in-process extraction's workers sleep between ops (soapflow/threads.py)."""
+    from soapflow.threads import on_passing_thread
+
+    return on_passing_thread(_pure_forward, args, n, to_host)
+
+
+def _pure_forward(args, n: int, to_host: bool) -> tuple[float, int]:
     import torch
 
     bb = backbone(key(args))
@@ -110,11 +120,13 @@ def extraction(args, n: int, work: Path, read_ahead: bool | None = None,
 
 def _extract_in_process(args, n: int, work: Path, k: int, barrier) -> tuple[float, float, object]:
     from soapflow.extract import cached_source, extract_chunks, open_store_for
+    from soapflow.threads import on_passing_thread
 
     bb = backbone(key(args))
     src = cached_source([args.data, f"noise:{args.generator}"][k], n, 0)
     store = open_store_for(str(work / f"store{k}"), bb, src, chunk=args.chunk)
-    bb.tokens(src.batch(range(2), bb.image_size, bb.mean, bb.std, device=bb.device))  # warm-up
+    # warm-up, on a passing thread (see pure_forward)
+    on_passing_thread(lambda: bb.tokens(src.batch(range(2), bb.image_size, bb.mean, bb.std, device=bb.device)))
     barrier.wait()
     start = time.time()
     stats = extract_chunks(store, bb, src, num_workers=args.workers, progress=False)
@@ -136,7 +148,13 @@ def extraction_in_processes(args, n: int, work: Path) -> tuple[float, list]:
 
 def input_only(args, n: int) -> list[float]:
     """Seconds each source's images take to reach the device with no forward pass: the
-    extraction's own loader (decode/generate, resize, normalize)."""
+    extraction's own loader (decode/generate, resize, normalize), on a passing thread too."""
+    from soapflow.threads import on_passing_thread
+
+    return on_passing_thread(_input_only, args, n)
+
+
+def _input_only(args, n: int) -> list[float]:
     import torch
 
     from soapflow.extract import _decode_workers, _loader, cached_source, default_cpu_decode_share
@@ -193,7 +211,8 @@ def write_jpegs(folder: Path, count: int, seed: int = 0) -> str:
     return str(folder)
 
 
-def refit_wall(args, n: int, api_url: str | None = None) -> tuple[float, list[str]]:
+def refit_wall(args, n: int, api_url: str | None = None, tree: str | None = None) -> tuple[float, list[str]]:
+    """``soap refit`` in a fresh process; ``tree``: run another checkout's code (its folder)."""
     with tempfile.TemporaryDirectory(prefix="soapflow-bench-refit-") as work:
         cmd = [sys.executable, "-m", "soapflow.cli", "refit", "--backbone", args.backbone, "--data", args.data,
                "--n-real", str(n), "--chunk", str(args.chunk), "--workdir", work, "--device", args.device]
@@ -208,7 +227,7 @@ def refit_wall(args, n: int, api_url: str | None = None) -> tuple[float, list[st
         if api_url:
             env["PREFECT_API_URL"] = api_url
         t = time.perf_counter()
-        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=tree)
         wall = time.perf_counter() - t
         if done.returncode:
             sys.exit(f"soap refit failed ({done.returncode}):\n{done.stderr[-3000:]}")
@@ -254,6 +273,9 @@ def main() -> None:
     ap.add_argument("--variants", action=argparse.BooleanOptionalAction, default=None,
                     help="with --extraction, also time it without read-ahead, in two processes and with 2 and 4 "
                          "decode processes (default: on a GPU)")
+    ap.add_argument("--against", default=None, metavar="TREE",
+                    help="also time the refit of another checkout (e.g. a git worktree of an older commit), "
+                         "interleaved A B | B A between pure forwards, so the box's drift falls on both alike")
     ap.add_argument("--project", type=int, default=None, metavar="N",
                     help="print the projected time of a whole refit of N + N images, from the measured fixed part "
                          "and per-image time (the GPU check: 50000)")
@@ -281,12 +303,18 @@ def main() -> None:
         fixed = fixed_wall - pure_forward(args, small)[0]
         fixed_timeline = fixed_lines[-1] if fixed_lines and fixed_lines[-1].startswith("timeline: ") else None
         print(f"(so far: pure forward {forwards[0]:.1f} s, fixed part {fixed:.1f} s)", file=sys.stderr, flush=True)
-        rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n)))
+        rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n), 0))
         print(f"(so far: refit {rows[-1][1]:.1f} s)", file=sys.stderr, flush=True)
+        if args.against:
+            rows.append((f"  the same, {args.against}", *refit_wall(args, args.n, tree=args.against), 0))
         forwards.append(pure_forward(args, args.n)[0])
+        if args.against:
+            rows.append((f"  the same, {args.against}", *refit_wall(args, args.n, tree=args.against), 1))
+            rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n), 1))
+            forwards.append(pure_forward(args, args.n)[0])
     if args.server_run and not args.no_refit:
         with prefect_server() as url:
-            rows.append(("soap refit, running Prefect server", *refit_wall(args, args.n, api_url=url)))
+            rows.append(("soap refit, running Prefect server", *refit_wall(args, args.n, api_url=url), len(forwards) - 1))
         forwards.append(pure_forward(args, args.n)[0])
     variants = []  # (label, wall, stats): the default, then what a GPU run should also be compared with
     if args.extraction:
@@ -307,12 +335,13 @@ def main() -> None:
           f"chunk {args.chunk}, device {args.device}")
     print(f"pure forward (runs before/after)      : {' / '.join(f'{t:.2f}' for t in forwards)} s   "
           f"{n_images / forwards[0]:6.1f} img/s (first run)")
-    for i, (label, t, stores) in enumerate(rows):
-        base = (forwards[i] + forwards[i + 1]) / 2
+    for i, (label, t, stores, k) in enumerate(rows):
+        base = (forwards[k] + forwards[k + 1]) / 2  # the pure forwards just before and after it
         print(f"{label:38s}: {t:7.1f} s   {n_images / t:6.1f} img/s   ratio {t / base:5.2f}× of {base:.1f} s "
               f"(+{t - base:.1f} s; goal ≤ 1.10× on the CPU)")
-        print(f"{'':38s}  = fixed {fixed:.1f} s (refit of {small} + {small} images less their forward) "
-              f"+ {100 * (t - base - fixed) / base:.1f} % of the forward")
+        if not label.startswith("  the same, "):  # the fixed part was measured on this tree
+            print(f"{'':38s}  = fixed {fixed:.1f} s (refit of {small} + {small} images less their forward) "
+                  f"+ {100 * (t - base - fixed) / base:.1f} % of the forward")
         if fixed_timeline and i == 0:
             print(f"{'':38s}  fixed part's {fixed_timeline}")
         if args.project and i == 0:

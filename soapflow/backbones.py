@@ -39,6 +39,7 @@ import torch
 from soapflow.storage.artifact import sha256_file
 from soapflow.config import DEFAULT_BACKBONE, FINAL_NORM, parse_final_norm
 from soapflow.errors import SoapError
+from soapflow.threads import on_passing_thread
 
 __all__ = [
     "BACKBONES",
@@ -503,6 +504,11 @@ def load_backbone(
     weights: None = the catalog entry's weights (an error for plain timm names: nothing is
     downloaded); ``"random"`` = random init seeded with 0; otherwise a path to a ``.safetensors``
     file or a plain state dict."""
+    # on a thread that exits after: the caller's thread keeps no OpenMP team (soapflow.threads)
+    return on_passing_thread(_load_backbone, name, weights, layer, feature, image_size, device, final_norm)
+
+
+def _load_backbone(name, weights, layer, feature, image_size, device, final_norm) -> Backbone:
     import timm
     import timm.data
 

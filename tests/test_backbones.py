@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -354,6 +356,38 @@ def test_pickle_refused(tmp_path):
     torch.save({"obj": Path("x"), "w": torch.zeros(1)}, p)
     with pytest.raises(SoapError, match="evil.pt"):
         load_backbone("vit_tiny_patch16_224", weights=p)
+
+
+_TEAMS = """
+import os, time
+import timm, torch  # imported before counting: neither starts a thread
+from soapflow.backbones import load_backbone
+count = lambda: len(os.listdir("/proc/self/task"))
+def settled(floor):  # a finished thread's OpenMP workers exit a moment after it
+    deadline = time.monotonic() + 10
+    while count() > floor and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return count()
+before = count()
+load_backbone("vit_tiny_patch16_224", weights="random")
+after_load = settled(before)
+torch.ones(1 << 22).add_(1)  # the control: one multi-threaded op here leaves this thread a team
+print(before, after_load, settled(before))
+"""
+
+
+def test_loading_leaves_the_caller_no_openmp_team():
+    """A thread that has run a multi-threaded torch op keeps its OpenMP workers while it lives, and
+    a second team makes libgomp put the device thread's workers to sleep between ops. The model is
+    loaded on a thread that exits: the process has as many threads after the load as before, where
+    one op on the caller's own thread leaves a worker behind (the control)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # a team of two even on one core
+    done = subprocess.run([sys.executable, "-c", _TEAMS], cwd=Path(__file__).resolve().parents[1], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before, after_load, after_op = map(int, done.stdout.split())
+    assert after_op > before, "the control failed: torch left no OpenMP worker here, so the test shows nothing"
+    assert after_load == before, f"loading left {after_load - before} thread(s) behind"
 
 
 def test_errors():
