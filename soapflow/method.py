@@ -161,11 +161,13 @@ def exact_signs(z: np.ndarray, mean: np.ndarray, components: np.ndarray) -> np.n
     v = np.broadcast_to(np.asarray(components, np.float64), z.shape)
     b = -np.asarray(mean, np.float64)
     s = z + b
-    t = (z - (s - (s - z))) + (b - (s - z))  # s + t = z − m exactly
+    b_in_s = s - z  # Knuth's TwoSum: s + t = z − m exactly
+    t = (z - (s - b_in_s)) + (b - b_in_s)
     terms, safe = [], np.ones(len(z), dtype=bool)
     for x in (s, t):
         p, e = _two_product(x, v)
-        fine = (x == 0) | (v == 0) | ((np.abs(p) >= _NO_UNDERFLOW) & (np.abs(x) < _NO_OVERFLOW) & (np.abs(v) < _NO_OVERFLOW))
+        no_overflow = (np.abs(x) < _NO_OVERFLOW) & (np.abs(v) < _NO_OVERFLOW)
+        fine = (x == 0) | (v == 0) | ((np.abs(p) >= _NO_UNDERFLOW) & no_overflow)
         safe &= fine.all(axis=1)
         terms += [p, e]
     rows = np.concatenate(terms, axis=1).tolist()

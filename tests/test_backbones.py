@@ -362,6 +362,7 @@ _TEAMS = """
 import os, time
 import timm, torch  # imported before counting: neither starts a thread
 from soapflow.backbones import load_backbone
+torch.set_num_threads(2)  # teams of two whatever cores this process may use (new threads take it too)
 count = lambda: len(os.listdir("/proc/self/task"))
 def settled(floor):  # a finished thread's OpenMP workers exit a moment after it
     deadline = time.monotonic() + 10
@@ -381,8 +382,7 @@ def test_loading_leaves_the_caller_no_openmp_team():
     a second team makes libgomp put the device thread's workers to sleep between ops. The model is
     loaded on a thread that exits: the process has as many threads after the load as before, where
     one op on the caller's own thread leaves a worker behind (the control)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "2"}  # a team of two even on one core
-    done = subprocess.run([sys.executable, "-c", _TEAMS], cwd=Path(__file__).resolve().parents[1], env=env,
+    done = subprocess.run([sys.executable, "-c", _TEAMS], cwd=Path(__file__).resolve().parents[1],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     before, after_load, after_op = map(int, done.stdout.split())
