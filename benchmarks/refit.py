@@ -252,6 +252,9 @@ def prefect_server():
             server.stop()
 
 
+THIS_TREE = "soap refit, Prefect temporary server"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--backbone", default="dinov2_vits14")
@@ -295,7 +298,8 @@ def main() -> None:
     # This machine's speed drifts by several % over minutes: every refit is timed between two
     # pure-forward runs and compared with their mean (both printed, to show the drift).
     forwards = [pure_forward(args, args.n)[0]]
-    rows = []
+    rows = []  # (label, wall, the store and timeline lines, index of the pure forward just before it)
+    other_tree = f"  the same, {args.against}"
     if not args.no_refit:
         # fixed part: a refit of one chunk per store, less the forward of those images
         small = args.chunk
@@ -303,14 +307,14 @@ def main() -> None:
         fixed = fixed_wall - pure_forward(args, small)[0]
         fixed_timeline = fixed_lines[-1] if fixed_lines and fixed_lines[-1].startswith("timeline: ") else None
         print(f"(so far: pure forward {forwards[0]:.1f} s, fixed part {fixed:.1f} s)", file=sys.stderr, flush=True)
-        rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n), 0))
+        rows.append((THIS_TREE, *refit_wall(args, args.n), 0))
         print(f"(so far: refit {rows[-1][1]:.1f} s)", file=sys.stderr, flush=True)
         if args.against:
-            rows.append((f"  the same, {args.against}", *refit_wall(args, args.n, tree=args.against), 0))
+            rows.append((other_tree, *refit_wall(args, args.n, tree=args.against), 0))
         forwards.append(pure_forward(args, args.n)[0])
         if args.against:
-            rows.append((f"  the same, {args.against}", *refit_wall(args, args.n, tree=args.against), 1))
-            rows.append(("soap refit, Prefect temporary server", *refit_wall(args, args.n), 1))
+            rows.append((other_tree, *refit_wall(args, args.n, tree=args.against), 1))
+            rows.append((THIS_TREE, *refit_wall(args, args.n), 1))
             forwards.append(pure_forward(args, args.n)[0])
     if args.server_run and not args.no_refit:
         with prefect_server() as url:
@@ -339,7 +343,7 @@ def main() -> None:
         base = (forwards[k] + forwards[k + 1]) / 2  # the pure forwards just before and after it
         print(f"{label:38s}: {t:7.1f} s   {n_images / t:6.1f} img/s   ratio {t / base:5.2f}× of {base:.1f} s "
               f"(+{t - base:.1f} s; goal ≤ 1.10× on the CPU)")
-        if not label.startswith("  the same, "):  # the fixed part was measured on this tree
+        if label != other_tree:  # the fixed part was measured on this tree
             print(f"{'':38s}  = fixed {fixed:.1f} s (refit of {small} + {small} images less their forward) "
                   f"+ {100 * (t - base - fixed) / base:.1f} % of the forward")
         if fixed_timeline and i == 0:

@@ -3,9 +3,9 @@
 torch's CPU ops run on libgomp. The first multi-threaded op a thread runs gives that thread a team
 of worker threads, which it keeps until it exits. While the teams' threads together outnumber the
 cores, libgomp lets every worker spin only briefly before sleeping between two ops, so each op of a
-forward pays a futex wake-up: on a CPU, the device thread's forward then runs markedly slower than
-the same forward alone (``benchmarks/forward_thread.py`` measures it). Work such as loading a model
-therefore runs on a thread that exits when it is done, taking its team with it.
+forward pays a futex wake-up and the cores idle meanwhile (``benchmarks/forward_thread.py`` counts
+the sleeps and the CPU use). Work such as loading a model therefore runs on a thread that exits when
+it is done, taking its team with it.
 """
 
 from __future__ import annotations
